@@ -1,0 +1,34 @@
+# tide: `make run` / `make test` set up .venv on first use.
+#
+# torch is installed first and pinned to the local CPU wheel: letting pip resolve
+# torch from the project's range could pull a newer multi-GB CUDA build.
+# EXTRAS selects the optional dependency groups (add `kernels` for Triton, ~1 GB).
+
+PYTHON ?= python3
+VENV   := .venv
+TORCH  ?= torch==2.13.0
+EXTRAS ?= test
+comma  := ,
+STAMP  := $(VENV)/.tide-installed-$(subst $(comma),-,$(EXTRAS))
+
+.PHONY: venv test run bench clean-venv
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install '$(TORCH)'
+	$(VENV)/bin/pip install -e '.[$(EXTRAS)]'
+	touch $@
+
+test: venv
+	$(VENV)/bin/python -m pytest -q tests
+
+run: venv
+	$(VENV)/bin/tide demo
+
+bench: venv
+	$(VENV)/bin/python bench/bench_model.py
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,304 @@
+"""The ``tide`` command-line interface.
+
+Subcommands (``tide --help`` and ``tide <command> --help`` explain each):
+
+- ``tide demo``: run a DeepSeek-V4 flavor on real text (byte-level tokens): loss,
+  greedy generation, timings, parameter counts and decode-state size.
+- ``tide cache-bytes``: the decode-state (KV cache) accounting of a flavor as JSON.
+- ``tide config show FLAVOR`` / ``tide config check PATH``: print a flavor as YAML /
+  validate a model YAML.
+
+Run as ``tide ...`` once installed, or ``python -m cluster.cli ...`` from the
+repository root. User errors print one ``tide: error: ...`` line and exit with 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import math
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from model.cache_bytes import LAYOUTS, cache_bytes
+from model.config import CSA, FLAVORS, HCA, SWA, ModelArgs
+
+EXIT_USAGE = 2
+BYTE_VOCAB = 256
+# Standard-library modules whose source is the demo's default text: real, always
+# present, and readable without network or data downloads.
+DEMO_TEXT_MODULES = ("json.decoder", "json.encoder", "textwrap", "string", "heapq", "bisect", "shlex")
+
+
+class CLIError(ValueError):
+    """A user error the CLI reports as one line and exit status 2."""
+
+
+# ------------------------------------------------------------------------ text
+def load_text(n_bytes: int, path: str | Path | None = None) -> tuple[bytes, list[str]]:
+    """Read up to ``n_bytes`` bytes of real text.
+
+    Args:
+        n_bytes: maximum number of bytes to return (>= 2: one input, one target).
+        path: a file to read; by default the sources of the standard-library
+            modules in ``DEMO_TEXT_MODULES`` of the running interpreter,
+            concatenated in order until ``n_bytes`` is reached.
+
+    Returns:
+        ``(data, sources)``: the bytes and the files they came from.
+
+    Raises:
+        CLIError: ``n_bytes < 2``, a missing/unreadable file, or too little text.
+    """
+    if n_bytes < 2:
+        raise CLIError(f"--tokens must be >= 2 (one input and one target token), got {n_bytes}")
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise CLIError(f"text file {p} does not exist")
+        try:
+            with p.open("rb") as fh:
+                data = fh.read(n_bytes)
+        except OSError as e:
+            raise CLIError(f"cannot read {p}: {e}") from None
+        sources = [str(p)]
+    else:
+        import importlib
+
+        chunks: list[bytes] = []
+        sources = []
+        size = 0
+        for name in DEMO_TEXT_MODULES:
+            if size >= n_bytes:
+                break
+            src = inspect.getsourcefile(importlib.import_module(name))
+            if src is None:
+                continue
+            chunk = Path(src).read_bytes()[: n_bytes - size]
+            chunks.append(chunk)
+            sources.append(src)
+            size += len(chunk)
+        data = b"".join(chunks)
+    if len(data) < 2:
+        raise CLIError(f"need at least 2 bytes of text, got {len(data)} from {sources or 'stdlib'}")
+    return data, sources
+
+
+def byte_tokens(data: bytes, vocab_size: int):
+    """UTF-8 bytes as token ids (id = byte value), shape ``[1, len(data)]``.
+
+    Raises:
+        CLIError: ``vocab_size < 256`` (a byte would have no embedding row).
+    """
+    import torch
+
+    if vocab_size < BYTE_VOCAB:
+        raise CLIError(f"byte-level tokens need vocab_size >= {BYTE_VOCAB}, the flavor has {vocab_size}")
+    return torch.tensor(list(data), dtype=torch.long).unsqueeze(0)
+
+
+# ------------------------------------------------------------------- commands
+def _git_sha() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             timeout=5, cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def config_summary(args: ModelArgs) -> dict[str, Any]:
+    """The few hyper-parameters worth a glance, as display strings."""
+    short = {SWA: "SWA", CSA: "CSA", HCA: "HCA"}
+    types = Counter(short[t] for t in args.layer_types)
+    return {
+        "layers": f"{args.num_hidden_layers} ({', '.join(f'{v} {k}' for k, v in types.items())})",
+        "hidden / vocab": f"{args.hidden_size} / {args.vocab_size}",
+        "heads x head_dim (rope dims)": f"{args.num_attention_heads} x {args.head_dim} ({args.qk_rope_head_dim})",
+        "window / CSA m / HCA m'": f"{args.sliding_window} / {args.compress_rates.get(CSA)} / "
+                                   f"{args.compress_rates.get(HCA)}",
+        "indexer heads x dim / top-k": f"{args.index_n_heads} x {args.index_head_dim} / {args.index_topk}",
+        "experts routed / shared / per token": f"{args.n_routed_experts} / {args.n_shared_experts} / "
+                                               f"{args.num_experts_per_tok}",
+        "mHC streams": str(args.hc_mult),
+    }
+
+
+def cmd_demo(ns: argparse.Namespace) -> int:
+    """``tide demo``: loss and greedy generation of a flavor on real text."""
+    import torch
+    import torch.nn.functional as F
+    from rich.console import Console
+    from rich.table import Table
+
+    from model import Transformer
+
+    console = Console()
+    if ns.new_tokens < 0:
+        raise CLIError(f"--new-tokens must be >= 0, got {ns.new_tokens}")
+    args = ModelArgs.flavor(ns.flavor)
+    data, sources = load_text(ns.tokens, ns.file)
+    input_ids = byte_tokens(data, args.vocab_size)
+    seq = input_ids.shape[1]
+    if seq + ns.new_tokens > args.max_position_embeddings:
+        raise CLIError(f"{seq} prompt + {ns.new_tokens} new tokens exceed max_position_embeddings "
+                       f"({args.max_position_embeddings}) of flavor {ns.flavor!r}")
+
+    torch.manual_seed(ns.seed)
+    with console.status(f"building {ns.flavor} model"):
+        model = Transformer(args).eval()
+    params = model.num_params()
+
+    with torch.inference_mode():
+        with console.status(f"prefill: forward over {seq} tokens"):
+            t0 = time.perf_counter()
+            logits = model(input_ids)
+            prefill_s = time.perf_counter() - t0
+        loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                               input_ids[:, 1:].reshape(-1)).item()
+        with console.status(f"greedy decoding {ns.new_tokens} tokens"):
+            t0 = time.perf_counter()
+            out = model.generate(input_ids, max_new_tokens=ns.new_tokens)
+            generate_s = time.perf_counter() - t0
+    new = out[0, seq:].tolist()
+    # generate() runs its own prefill; the rest of its time is the decode steps.
+    decode_ms = max(generate_s - prefill_s, 0.0) * 1e3 / max(len(new), 1)
+
+    dtype = next(model.parameters()).dtype
+    layout = "bf16" if dtype == torch.bfloat16 else "fp32"
+    cache = cache_bytes(args, seq + len(new), layout=layout)
+    cache_paper = cache_bytes(args, seq + len(new), layout="paper")
+
+    table = Table(title=f"tide demo: flavor {ns.flavor!r}", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    for k, v in config_summary(args).items():
+        table.add_row(k, v)
+    table.add_section()
+    table.add_row("text", f"{seq} bytes from {', '.join(Path(s).name for s in sources)}")
+    table.add_row("params total / active", f"{params['total']:,} / {params['active']:,}")
+    table.add_row("loss (nats/byte)", f"{loss:.4f}  (uniform over {args.vocab_size}: {math.log(args.vocab_size):.4f})")
+    table.add_row("prefill", f"{prefill_s * 1e3:.1f} ms ({seq} tokens)")
+    table.add_row("decode", f"{decode_ms:.2f} ms/token ({len(new)} tokens, greedy)")
+    table.add_row("decode state", f"{_fmt_bytes(cache['total_bytes'])} ({layout}), "
+                                  f"{_fmt_bytes(cache_paper['total_bytes'])} (paper FP8/BF16) "
+                                  f"at {seq + len(new)} tokens")
+    table.add_row("continuation", repr(bytes(b for b in new if b < BYTE_VOCAB).decode("utf-8", "replace")))
+    table.add_section()
+    table.add_row("run", f"torch {torch.__version__}, device cpu, seed {ns.seed}, git {_git_sha()}")
+    console.print(table)
+    return 0
+
+
+def cmd_cache_bytes(ns: argparse.Namespace) -> int:
+    """``tide cache-bytes``: print :func:`model.cache_bytes.cache_bytes` as JSON."""
+    try:
+        result = cache_bytes(ModelArgs.flavor(ns.flavor), ns.context, batch=ns.batch, layout=ns.layout)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    print(json.dumps({"flavor": ns.flavor, **result}, indent=2))
+    return 0
+
+
+def cmd_config_show(ns: argparse.Namespace) -> int:
+    """``tide config show``: a flavor's resolved ModelArgs as YAML."""
+    sys.stdout.write(ModelArgs.flavor(ns.flavor).to_yaml())
+    return 0
+
+
+def cmd_config_check(ns: argparse.Namespace) -> int:
+    """``tide config check``: validate a model YAML (``ModelArgs.from_yaml``)."""
+    try:
+        args = ModelArgs.from_yaml(ns.path)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    print(f"OK: {ns.path} ({args.num_hidden_layers} layers, hidden {args.hidden_size}, "
+          f"vocab {args.vocab_size})")
+    return 0
+
+
+# --------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    """The ``tide`` argument parser (one subparser per command)."""
+    parser = argparse.ArgumentParser(
+        prog="tide",
+        description="tide: train and serve DeepSeek-V4-style models on Ray.",
+        epilog="Run 'tide COMMAND --help' for the options of a command.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    demo = sub.add_parser(
+        "demo", help="run a model flavor on real text: loss, greedy generation, timings",
+        description="Build a randomly initialised DeepSeek-V4 model of FLAVOR, read real text "
+                    "(by default the source of a few Python standard-library modules), tokenize it "
+                    "as UTF-8 bytes (token id = byte value), report the next-token cross-entropy, "
+                    "then greedily generate new tokens and report parameter counts, prefill and "
+                    "decode timings and the decode-state (KV cache) size.")
+    demo.add_argument("--flavor", default="debug", choices=FLAVORS,
+                      help="model flavor (vocab_size must be >= 256); default: %(default)s")
+    demo.add_argument("--tokens", type=int, default=512, metavar="N",
+                      help="bytes of text to read = prompt tokens; default: %(default)s")
+    demo.add_argument("--file", metavar="PATH", help="read this file instead of standard-library sources")
+    demo.add_argument("--seed", type=int, default=0, help="torch seed for the initial weights; "
+                                                           "default: %(default)s")
+    demo.add_argument("--new-tokens", type=int, default=32, metavar="N",
+                      help="tokens to generate greedily; default: %(default)s")
+    demo.set_defaults(func=cmd_demo)
+
+    cb = sub.add_parser(
+        "cache-bytes", help="decode-state (KV cache) bytes of a flavor, as JSON",
+        description="Print the per-sequence decode state of FLAVOR at a context length as JSON: "
+                    "sliding-window buffers, compressed CSA/HCA entries, uncompressed tails, CSA "
+                    "overlap slices and indexer keys, per layer type, with the ratio to "
+                    "DeepSeek-V3.2's MLA cache (see model/cache_bytes.py).")
+    cb.add_argument("--flavor", default="v4-flash", choices=FLAVORS, help="default: %(default)s")
+    cb.add_argument("--context", type=int, default=1 << 20, metavar="TOKENS",
+                    help="context length per sequence; default: %(default)s")
+    cb.add_argument("--batch", type=int, default=1, help="sequences; default: %(default)s")
+    cb.add_argument("--layout", default="paper", choices=LAYOUTS,
+                    help="storage: fp32/bf16 everywhere, or paper (FP8 non-RoPE dims, BF16 RoPE dims); "
+                         "default: %(default)s")
+    cb.set_defaults(func=cmd_cache_bytes)
+
+    cfg = sub.add_parser("config", help="show a flavor or check a model YAML",
+                         description="Model configuration (ModelArgs) utilities.")
+    cfg_sub = cfg.add_subparsers(dest="config_command", metavar="ACTION", required=True)
+    show = cfg_sub.add_parser("show", help="print a flavor's resolved config as YAML",
+                              description="Print the resolved ModelArgs of FLAVOR as YAML "
+                                          "(a valid input for 'tide config check').")
+    show.add_argument("flavor", metavar="FLAVOR", choices=FLAVORS, help=f"one of {', '.join(FLAVORS)}")
+    show.set_defaults(func=cmd_config_show)
+    check = cfg_sub.add_parser("check", help="validate a model YAML; exit 2 with the reason if invalid",
+                               description="Load PATH with ModelArgs.from_yaml. Prints OK, or the "
+                                           "error (unknown key, wrong type, inconsistent value) and "
+                                           "exits with status 2.")
+    check.add_argument("path", metavar="PATH", help="model YAML (fields of ModelArgs, optional 'flavor')")
+    check.set_defaults(func=cmd_config_check)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``tide`` console script; returns the exit status."""
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    try:
+        return ns.func(ns)
+    except CLIError as e:  # user input; anything else is a bug and keeps its traceback
+        print(f"tide: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

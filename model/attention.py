@@ -1,0 +1,342 @@
+"""DeepSeek-V4 hybrid attention: sliding window + CSA (with the Lightning Indexer) + HCA.
+
+Source: DeepSeek-V4 report section 2.3 (eqs. 9-23) and SPEC section 2; weight
+layout and numerics follow ``transformers.models.deepseek_v4`` so checkpoints
+load unchanged.
+
+Every layer has the sliding-window branch (the last ``sliding_window`` kv
+vectors, current token included). CSA layers add compressed entries (one per
+m=4 tokens, overlapping two-series compressor) of which each query attends only
+to the ``index_topk`` picked by the Lightning Indexer -- the entries are
+*gathered*, so attention cost per query is O(window + top-k) however long the
+context. HCA layers add heavily compressed entries (one per m'=128 tokens),
+attended densely. One softmax spans window + compressed entries + a per-head
+sink logit (denominator only).
+
+Shared-KV MQA: one kv head (post-norm, post-RoPE) is both key and value, so the
+output's RoPE channels are rotated back by the query position (inverse RoPE).
+
+Letters: B batch, S new tokens, Q query chunk, H heads, D head_dim, R rope
+dims, T compressed entries, K selected entries, W window, M compress rate,
+C compressor channels (2D for CSA's two series, D for HCA), I indexer heads.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import CSA, HCA, SWA, ModelArgs
+from .layers import RMSNorm, rms_norm_noweight
+from .rope import Rotary, apply_rope
+from .state import CompressorState, Growable, LayerState, window_positions
+
+# Query rows processed together in the attention core; bounds the logits memory
+# of long prefills to O(QUERY_CHUNK * (W + K + T/128)) per head.
+QUERY_CHUNK = 512
+
+
+class Compressor(nn.Module):
+    """Token-block compressor (HCA: eqs. 20-23; CSA: eqs. 9-12 with overlap).
+
+    Each closed block i of M tokens yields one entry
+    ``RMSNorm(sum_j softmax_j(Z_j + B) * C_j)`` (per-channel softmax over the
+    block's slots, float32), rotated by RoPE (compress theta) at position ``i*M``.
+    With ``overlap`` (CSA) the projections are 2D wide: channels ``[D:]`` are the
+    current block's series, ``[:D]`` the series that joins the *next* block's
+    window, so entry i pools 2M slots: block i-1's ``[:D]`` and block i's ``[D:]``
+    (block -1: zero kv, -inf gate).
+    """
+
+    def __init__(self, hidden: int, dim: int, rate: int, overlap: bool, eps: float, std: float):
+        super().__init__()
+        self.dim, self.rate, self.overlap = dim, rate, overlap
+        width = 2 * dim if overlap else dim
+        self.kv_proj = nn.Linear(hidden, width, bias=False)
+        self.gate_proj = nn.Linear(hidden, width, bias=False)
+        self.position_bias = nn.Parameter(torch.zeros(rate, width, dtype=torch.float32))
+        self.kv_norm = RMSNorm(dim, eps)
+        nn.init.normal_(self.kv_proj.weight, std=std)
+        nn.init.normal_(self.gate_proj.weight, std=std)
+
+    def forward(self, x_BSE: torch.Tensor, rotary: Rotary, state: CompressorState | None,
+                start_entry: int) -> torch.Tensor:
+        """Compress the blocks that close within ``x`` (plus the state's tail).
+
+        Args:
+            x_BSE: attention input ``[B, S, hidden]``.
+            state: streaming state (updated in place) or ``None`` (stateless: only
+                complete blocks of ``x`` starting at position 0 are compressed).
+            start_entry: index of the first entry this call may emit (entries are
+                rotated at ``(start_entry + i) * M``).
+        Returns:
+            new entries ``[B, n, D]`` (post-norm, post-RoPE).
+        """
+        B = x_BSE.shape[0]
+        kv = self.kv_proj(x_BSE)
+        gate = self.gate_proj(x_BSE)
+        if state is not None and state.tail_kv is not None and state.tail_kv.shape[1]:
+            kv = torch.cat([state.tail_kv, kv], dim=1)
+            gate = torch.cat([state.tail_gate, gate], dim=1)
+        usable = (kv.shape[1] // self.rate) * self.rate
+        if state is not None:
+            state.tail_kv, state.tail_gate = kv[:, usable:], gate[:, usable:]
+        n = usable // self.rate
+        if n == 0:
+            return kv.new_zeros(B, 0, self.dim)
+        kv = kv[:, :usable].view(B, n, self.rate, -1)
+        gate = gate[:, :usable].view(B, n, self.rate, -1) + self.position_bias
+        if self.overlap:
+            D = self.dim
+            cur_kv, cur_gate = kv[..., D:], gate[..., D:]
+            nxt_kv, nxt_gate = kv[..., :D], gate[..., :D]
+            if state is not None and state.overlap_kv is not None:
+                first_kv, first_gate = state.overlap_kv.unsqueeze(1), state.overlap_gate.unsqueeze(1)
+            else:
+                first_kv = kv.new_zeros(B, 1, self.rate, D)
+                first_gate = gate.new_full((B, 1, self.rate, D), float("-inf"))
+            if state is not None:
+                state.overlap_kv, state.overlap_gate = nxt_kv[:, -1].clone(), nxt_gate[:, -1].clone()
+            prev_kv = torch.cat([first_kv.to(kv.dtype), nxt_kv[:, :-1]], dim=1)
+            prev_gate = torch.cat([first_gate.to(gate.dtype), nxt_gate[:, :-1]], dim=1)
+            kv = torch.cat([prev_kv, cur_kv], dim=2)
+            gate = torch.cat([prev_gate, cur_gate], dim=2)
+        pooled = (kv * gate.softmax(dim=2, dtype=torch.float32).to(kv.dtype)).sum(dim=2)
+        entries = self.kv_norm(pooled)
+        positions = (torch.arange(n, device=x_BSE.device) + start_entry) * self.rate
+        cos, sin = rotary.cos_sin(positions, "compress")
+        return apply_rope(entries, cos, sin)
+
+
+class Indexer(Compressor):
+    """Lightning Indexer (report eqs. 13-17): picks the top-k CSA entries per query.
+
+    ``I[t,s] = sum_h w[t,h] * ReLU(q[t,h] . K[s]) * index_head_dim^-0.5`` with
+    ``w = weights_proj(x) * index_n_heads^-0.5`` and ``q = q_b_proj(cq)`` RoPE'd
+    at the query position (compress theta). ``K`` comes from the indexer's own
+    overlapping compressor at ``index_head_dim`` (this class *is* that
+    compressor, plus the query side). Only entries ``s < (t+1)//M`` are eligible.
+    Cost is O(T) per query with tiny dims; no gradient flows through the selection.
+    """
+
+    def __init__(self, args: ModelArgs):
+        std = args.initializer_range
+        super().__init__(args.hidden_size, args.index_head_dim, args.csa_rate, overlap=True,
+                         eps=args.rms_norm_eps, std=std)
+        self.n_heads, self.head_dim = args.index_n_heads, args.index_head_dim
+        self.topk = args.index_topk
+        self.q_b_proj = nn.Linear(args.q_lora_rank, self.n_heads * self.head_dim, bias=False)
+        self.scorer = nn.Module()
+        self.scorer.weights_proj = nn.Linear(args.hidden_size, self.n_heads, bias=False)
+        for m in (self.q_b_proj, self.scorer.weights_proj):
+            nn.init.normal_(m.weight, std=std)
+
+    def compress(self, x_BSE, rotary, state, start_entry):
+        """The indexer's compressed keys ``[B, n, index_head_dim]`` (see ``Compressor.forward``)."""
+        return Compressor.forward(self, x_BSE, rotary, state, start_entry)
+
+    def queries(self, x_BSE: torch.Tensor, cq_BSL: torch.Tensor, q_cos, q_sin):
+        """``(q [B,S,I,Di] float32, w [B,S,I] float32)`` for the scorer."""
+        B, S, _ = x_BSE.shape
+        q = self.q_b_proj(cq_BSL).view(B, S, self.n_heads, self.head_dim)
+        q = apply_rope(q, q_cos, q_sin)
+        w = self.scorer.weights_proj(x_BSE).float() * self.n_heads ** -0.5
+        return q.float(), w
+
+    def scores(self, q_BQID: torch.Tensor, w_BQI: torch.Tensor, keys_BTD: torch.Tensor) -> torch.Tensor:
+        """Index scores ``[B, Q, T]`` float32 (no causal masking)."""
+        B, Q, I, Dh = q_BQID.shape
+        logits = torch.matmul(q_BQID, keys_BTD.float().transpose(-1, -2).unsqueeze(1))  # [B,Q,I,T]
+        logits = F.relu(logits) * self.head_dim ** -0.5
+        return (logits * w_BQI.unsqueeze(-1)).sum(dim=2)
+
+    def select(self, scores_BQT: torch.Tensor, q_pos_Q: torch.Tensor):
+        """Top-k eligible entries: ``(indices [B,Q,K] int64 clamped >= 0, valid [B,Q,K] bool)``.
+
+        ``K = min(index_topk, T)``; slots beyond a query's eligible count are invalid.
+        """
+        T = scores_BQT.shape[-1]
+        k = min(self.topk, T)
+        limit = ((q_pos_Q + 1) // self.rate).view(1, -1, 1)
+        eligible = torch.arange(T, device=scores_BQT.device).view(1, 1, -1) < limit
+        masked = scores_BQT.masked_fill(~eligible, float("-inf"))
+        if k == 0:
+            idx = masked.topk(0, dim=-1).indices
+            return idx, idx >= 0
+        # Deterministic tie-breaking: every entry above the k-th value is kept, entries equal
+        # to it are taken in index order. ReLU makes exact ties (score 0) common, and
+        # torch.topk breaks them by an implementation-defined heap order that depends on
+        # the row length -- which would make decode, chunked prefill and the full forward
+        # pick different entries. (HF uses plain topk: it agrees with us whenever the k-th
+        # value is not tied.)
+        kth = masked.topk(k, dim=-1).values[..., -1:]
+        above = masked > kth
+        tied = masked == kth
+        room = k - above.sum(-1, keepdim=True)
+        chosen = above | (tied & (tied.cumsum(-1) <= room))
+        idx = chosen.to(torch.uint8).topk(k, dim=-1).indices
+        valid = idx < limit
+        return torch.where(valid, idx, torch.zeros_like(idx)), valid
+
+
+class Attention(nn.Module):
+    """One V4 attention layer (``layer_type`` in sliding / CSA / HCA).
+
+    ``forward(x [B,S,E], pos0, state=None) -> [B,S,E]`` where ``pos0`` is the
+    absolute position of ``x[:, 0]``; ``state`` (a ``LayerState``) is read and
+    updated in place for decode / chunked prefill. Without a state the call is a
+    full-sequence forward from position 0.
+    """
+
+    def __init__(self, args: ModelArgs, layer_type: str):
+        super().__init__()
+        self.layer_type = layer_type
+        self.n_heads, self.head_dim = args.num_attention_heads, args.head_dim
+        self.window = args.sliding_window
+        self.o_groups = args.o_groups
+        self.eps = args.rms_norm_eps
+        self.rope_kind = "main" if layer_type == SWA else "compress"
+        std = args.initializer_range
+        E, L, H, D = args.hidden_size, args.q_lora_rank, args.num_attention_heads, args.head_dim
+        self.q_a_proj = nn.Linear(E, L, bias=False)
+        self.q_a_norm = RMSNorm(L, args.rms_norm_eps)
+        self.q_b_proj = nn.Linear(L, H * D, bias=False)
+        self.kv_proj = nn.Linear(E, D, bias=False)
+        self.kv_norm = RMSNorm(D, args.rms_norm_eps)
+        self.o_a_proj = nn.Linear(H * D // args.o_groups, args.o_groups * args.o_lora_rank, bias=False)
+        self.o_b_proj = nn.Linear(args.o_groups * args.o_lora_rank, E, bias=False)
+        self.sinks = nn.Parameter(torch.zeros(H, dtype=torch.float32))
+        for m in (self.q_a_proj, self.q_b_proj, self.kv_proj, self.o_a_proj, self.o_b_proj):
+            nn.init.normal_(m.weight, std=std)
+        self.rotary = Rotary(args.rope_parameters, args.qk_rope_head_dim)
+        self.compressor: Compressor | None = None
+        self.rate = args.compress_rate(layer_type)
+        if layer_type in (CSA, HCA):
+            self.compressor = Compressor(E, D, self.rate, overlap=layer_type == CSA, eps=args.rms_norm_eps, std=std)
+        if layer_type == CSA:
+            self.compressor.indexer = Indexer(args)
+        # Dense mode (training curriculum): CSA attends to every visible entry instead of the top-k.
+        self.dense_csa = False
+
+    # ------------------------------------------------------------------ state
+    def new_state(self, batch: int, dtype: torch.dtype, device) -> LayerState:
+        """An empty ``LayerState`` for ``batch`` sequences."""
+        st = LayerState(window=torch.zeros(batch, self.window, self.head_dim, dtype=dtype, device=device))
+        if self.compressor is not None:
+            st.compressor = CompressorState(Growable(batch, self.head_dim, dtype, device))
+        if self.layer_type == CSA:
+            st.indexer = CompressorState(Growable(batch, self.compressor.indexer.head_dim, dtype, device))
+        return st
+
+    # ---------------------------------------------------------------- forward
+    def forward(self, x_BSE: torch.Tensor, pos0: int = 0, state: LayerState | None = None) -> torch.Tensor:
+        B, S, _ = x_BSE.shape
+        H, D = self.n_heads, self.head_dim
+        dev = x_BSE.device
+        q_pos = torch.arange(pos0, pos0 + S, device=dev)
+        cos, sin = self.rotary.cos_sin(q_pos, self.rope_kind)
+
+        cq = self.q_a_norm(self.q_a_proj(x_BSE))
+        q = self.q_b_proj(cq).view(B, S, H, D)
+        q = apply_rope(rms_norm_noweight(q, self.eps), cos, sin)
+        kv = apply_rope(self.kv_norm(self.kv_proj(x_BSE)), cos, sin)  # [B,S,D]
+
+        # Window keys: ring (previous tokens) + this call's tokens.
+        if state is not None:
+            ring, ring_pos = state.window, window_positions(pos0, self.window, dev)
+        else:
+            ring, ring_pos = kv[:, :0], q_pos[:0]
+
+        comp = sel = None
+        iq = iw = None
+        if self.compressor is not None:
+            cstate = state.compressor if state is not None else None
+            start = cstate.comp.n if cstate is not None else 0
+            new = self.compressor(x_BSE, self.rotary, cstate, start)
+            if cstate is not None:
+                cstate.comp.append(new)
+                comp = cstate.comp.data
+            else:
+                comp = new
+            if self.layer_type == CSA and not self.dense_csa:
+                ix = self.compressor.indexer
+                istate = state.indexer if state is not None else None
+                istart = istate.comp.n if istate is not None else 0
+                inew = ix.compress(x_BSE, self.rotary, istate, istart)
+                if istate is not None:
+                    istate.comp.append(inew)
+                    ikeys = istate.comp.data
+                else:
+                    ikeys = inew
+                icos, isin = self.rotary.cos_sin(q_pos, "compress")
+                iq, iw = ix.queries(x_BSE, cq, icos, isin)
+                sel = ikeys
+
+        out = torch.empty(B, S, H, D, dtype=q.dtype, device=dev)
+        for c0 in range(0, S, QUERY_CHUNK):
+            c1 = min(S, c0 + QUERY_CHUNK)
+            qp = q_pos[c0:c1]
+            lo = max(0, c0 - self.window + 1)
+            keys = kv[:, lo:c1]
+            kpos = q_pos[lo:c1]
+            if state is not None and pos0 + c0 - self.window + 1 < pos0:
+                keys = torch.cat([ring, keys], dim=1)
+                kpos = torch.cat([ring_pos, kpos])
+            win_mask = (kpos.view(1, -1) <= qp.view(-1, 1)) & (kpos.view(1, -1) > qp.view(-1, 1) - self.window) \
+                & (kpos.view(1, -1) >= 0)
+            ctx = None
+            if comp is not None:
+                if self.layer_type == CSA and not self.dense_csa:
+                    scores = self.compressor.indexer.scores(iq[:, c0:c1], iw[:, c0:c1], sel)
+                    idx, valid = self.compressor.indexer.select(scores, qp)
+                    ctx = ("sparse", comp, idx, valid)
+                else:
+                    ctx = ("dense", comp, (qp + 1) // self.rate)
+            out[:, c0:c1] = self._attend(q[:, c0:c1], keys, win_mask, ctx)
+
+        if state is not None:
+            n_keep = min(S, self.window)
+            slots = torch.remainder(torch.arange(pos0 + S - n_keep, pos0 + S, device=dev), self.window)
+            state.window[:, slots] = kv[:, S - n_keep:].to(state.window.dtype)
+
+        out = apply_rope(out, cos, -sin)  # undo the value's RoPE at the query position
+        grouped = out.reshape(B, S, self.o_groups, -1)
+        w = self.o_a_proj.weight.view(self.o_groups, -1, grouped.shape[-1])  # [G, Ro, H*D/G]
+        proj = torch.einsum("bsgi,goi->bsgo", grouped, w).flatten(2)
+        return self.o_b_proj(proj)
+
+    def _attend(self, q_BQHD, win_BKD, win_mask_QK, ctx) -> torch.Tensor:
+        """Joint softmax over window keys, compressed entries and the sink -> ``[B,Q,H,D]``."""
+        B, Q, H, D = q_BQHD.shape
+        scale = D ** -0.5
+        qf = q_BQHD.reshape(B, Q * H, D)
+        lw = torch.bmm(qf, win_BKD.transpose(1, 2)).view(B, Q, H, -1) * scale
+        lw = lw.masked_fill(~win_mask_QK.view(1, Q, 1, -1), float("-inf"))
+        parts = [lw]
+        if ctx is not None and ctx[0] == "sparse":
+            _, comp, idx, valid = ctx
+            K = idx.shape[-1]
+            # Gather only the selected entries (row-offset indexing keeps the backward O(T*D)).
+            offs = (torch.arange(B, device=idx.device) * comp.shape[1]).view(B, 1, 1)
+            gathered = comp.reshape(-1, D)[idx + offs]  # [B,Q,K,D]
+            lc = torch.matmul(q_BQHD, gathered.transpose(-1, -2)) * scale  # [B,Q,H,K]
+            lc = lc.masked_fill(~valid.unsqueeze(2), float("-inf"))
+            parts.append(lc)
+        elif ctx is not None:
+            _, comp, limit_Q = ctx
+            T = min(comp.shape[1], int(limit_Q.max().item()) if Q else 0)
+            comp = comp[:, :T]
+            lc = torch.bmm(qf, comp.transpose(1, 2)).view(B, Q, H, T) * scale
+            vis = torch.arange(T, device=comp.device).view(1, -1) < limit_Q.view(-1, 1)
+            lc = lc.masked_fill(~vis.view(1, Q, 1, T), float("-inf"))
+            parts.append(lc)
+        sink = self.sinks.to(lw.dtype).view(1, 1, H, 1).expand(B, Q, H, 1)
+        probs = torch.softmax(torch.cat(parts + [sink], dim=-1), dim=-1)
+        kw = lw.shape[-1]
+        o = torch.bmm(probs[..., :kw].reshape(B, Q * H, kw), win_BKD).view(B, Q, H, D)
+        if ctx is not None and ctx[0] == "sparse":
+            o = o + torch.matmul(probs[..., kw:kw + K], gathered)
+        elif ctx is not None:
+            o = o + torch.bmm(probs[..., kw:kw + T].reshape(B, Q * H, T), comp).view(B, Q, H, D)
+        return o

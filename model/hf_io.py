@@ -1,0 +1,159 @@
+"""Checkpoint IO in the Hugging Face ``save_pretrained`` format.
+
+A checkpoint directory holds ``config.json`` (a ``DeepseekV4Config``) and either
+``model.safetensors`` or shards listed in ``model.safetensors.index.json``.
+Tensor names are HF's: ``model.<our name>`` for the decoder, ``lm_head.weight``,
+and ``mtp.<i>.*`` for the MTP module (which ``transformers`` ignores on load).
+Checkpoints are never unpickled: only JSON and safetensors are read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import ModelArgs
+from .transformer import Transformer
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+
+def to_hf_name(name: str) -> str:
+    """Our parameter name -> the HF checkpoint key."""
+    if name.startswith(("lm_head.", "mtp.")):
+        return name
+    return "model." + name
+
+
+def from_hf_name(key: str) -> str:
+    """HF checkpoint key -> our parameter name."""
+    return key[len("model."):] if key.startswith("model.") else key
+
+
+def _checkpoint_files(path: Path) -> list[Path]:
+    if (path / INDEX_NAME).is_file():
+        index = json.loads((path / INDEX_NAME).read_text())
+        if "weight_map" not in index:
+            raise ValueError(f"{path / INDEX_NAME}: missing 'weight_map'")
+        return [path / f for f in sorted(set(index["weight_map"].values()))]
+    if (path / SINGLE_NAME).is_file():
+        return [path / SINGLE_NAME]
+    raise ValueError(f"{path}: no {SINGLE_NAME} or {INDEX_NAME} found (expected a directory written by "
+                     "save_pretrained / model.save_hf)")
+
+
+def load_hf(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+            strict_mtp: bool = False) -> Transformer:
+    """Load a ``Transformer`` from an HF-format directory.
+
+    Args:
+        path: directory with ``config.json`` + safetensors (sharded or not).
+        dtype: parameter dtype (float32 on CPU); float32-kept HF tensors (norms,
+            mHC, sinks, biases) are also loaded in ``dtype``.
+        strict_mtp: if True a checkpoint without ``mtp.*`` weights is an error;
+            otherwise the MTP module keeps its fresh initialisation.
+    Raises:
+        ValueError: missing directory/config, unknown config fields, missing or
+            unexpected tensors, or shape mismatches (each named).
+    """
+    p = Path(path)
+    if not (p / "config.json").is_file():
+        raise ValueError(f"{p}: not a checkpoint directory (no config.json)")
+    try:
+        cfg = json.loads((p / "config.json").read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{p / 'config.json'}: invalid JSON: {e}") from None
+    if cfg.get("model_type", "deepseek_v4") != "deepseek_v4":
+        raise ValueError(f"{p}: model_type is {cfg.get('model_type')!r}, expected 'deepseek_v4'")
+    args = ModelArgs.from_hf_config(cfg)
+    with torch.device(device):
+        model = Transformer(args)
+    model.to(dtype)
+    expected = model.state_dict()
+    loaded: dict[str, torch.Tensor] = {}
+    for f in _checkpoint_files(p):
+        if not f.is_file():
+            raise ValueError(f"{p}: shard {f.name} listed in the index is missing")
+        with safe_open(str(f), framework="pt", device=str(device)) as sf:
+            for key in sf.keys():
+                name = from_hf_name(key)
+                if name not in expected:
+                    raise ValueError(f"{f.name}: unexpected tensor {key!r} (not part of this architecture)")
+                t = sf.get_tensor(key)
+                if tuple(t.shape) != tuple(expected[name].shape):
+                    raise ValueError(f"{f.name}: tensor {key!r} has shape {tuple(t.shape)}, the config implies "
+                                     f"{tuple(expected[name].shape)}")
+                loaded[name] = t.to(expected[name].dtype)
+    missing = sorted(set(expected) - set(loaded))
+    missing_non_mtp = [k for k in missing if not k.startswith("mtp.")]
+    if missing_non_mtp or (strict_mtp and missing):
+        shown = (missing_non_mtp or missing)[:10]
+        raise ValueError(f"{p}: checkpoint lacks {len(missing_non_mtp or missing)} tensor(s), e.g. "
+                         f"{[to_hf_name(k) for k in shown]}")
+    model.load_state_dict(loaded, strict=False)
+    return model
+
+
+def save_hf(model: Transformer, path: str | os.PathLike, *, max_shard_bytes: int | None = None,
+            dtype: torch.dtype | None = None) -> Path:
+    """Write ``model`` as an HF-format directory that ``DeepseekV4ForCausalLM.from_pretrained`` loads.
+
+    Files are written to a temporary name and renamed into place, so an
+    interrupted save never leaves a half-written ``model.safetensors``.
+    ``max_shard_bytes`` splits the weights into ``model-0000i-of-0000n.safetensors``
+    shards plus ``model.safetensors.index.json``.
+    """
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = model.args.to_hf_config()
+    cfg.architectures = ["DeepseekV4ForCausalLM"]
+    dt = dtype or next(model.parameters()).dtype
+    cfg.dtype = str(dt).replace("torch.", "")
+    tensors = {to_hf_name(k): v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    tensors = {k: (v.to(dt) if v.is_floating_point() else v) for k, v in tensors.items()}
+
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for k, v in tensors.items():
+        nb = v.numel() * v.element_size()
+        if max_shard_bytes and shards[-1] and size + nb > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][k] = v
+        size += nb
+
+    def _atomic(write, name: str) -> None:
+        fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            write(tmp)
+            os.replace(tmp, out / name)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    meta = {"format": "pt"}
+    if len(shards) == 1:
+        _atomic(lambda t: save_file(shards[0], t, metadata=meta), SINGLE_NAME)
+        stale = out / INDEX_NAME
+        if stale.exists():
+            stale.unlink()
+    else:
+        n = len(shards)
+        weight_map = {}
+        for i, sh in enumerate(shards):
+            name = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            _atomic(lambda t, sh=sh: save_file(sh, t, metadata=meta), name)
+            weight_map.update({k: name for k in sh})
+        total = sum(v.numel() * v.element_size() for v in tensors.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        _atomic(lambda t: Path(t).write_text(json.dumps(index, indent=2)), INDEX_NAME)
+    _atomic(lambda t: Path(t).write_text(cfg.to_json_string()), "config.json")
+    return out

@@ -1,0 +1,151 @@
+"""Mixture of experts: shared expert + routed experts (SPEC section 4).
+
+- Router scores ``s = sqrt(softplus(x W_g^T))`` (float32); selection
+  ``topk(s + e_score_correction_bias)`` -- the bias only steers *selection*
+  (auxiliary-loss-free balancing, DeepSeek-V3 section 2.1.2); weights are the
+  selected ``s`` renormalised to sum 1, times ``routed_scaling_factor``.
+- Hash routing (first MoE layers, ``mlp_layer_types == "hash_moe"``): the
+  selection is a frozen ``tid2eid[token_id]`` table, weights still from ``s``.
+- Experts are SwiGLU with clamp: ``silu(min(gate, L)) * clamp(up, -L, L)``.
+- Dispatch is vectorised: token-expert pairs are sorted by expert id and each
+  expert runs one GEMM over its contiguous group (grouped-GEMM layout), then a
+  single ``index_add`` combines the weighted results.
+
+Letters: N tokens, D hidden, E experts, K experts per token, I expert width.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelArgs
+
+
+def score_fn(logits: torch.Tensor, kind: str) -> torch.Tensor:
+    """Router scoring function (float32 in, float32 out)."""
+    if kind == "sqrtsoftplus":
+        return F.softplus(logits).sqrt()
+    if kind == "sigmoid":
+        return torch.sigmoid(logits)
+    return torch.softmax(logits, dim=-1)
+
+
+class Router(nn.Module):
+    """Top-k (learned) or hash router. ``forward(x [N,D], token_ids [N] | None)``
+    returns ``(scores [N,E] f32, weights [N,K] f32, indices [N,K] int64)``."""
+
+    def __init__(self, args: ModelArgs, hashed: bool):
+        super().__init__()
+        self.hashed = hashed
+        self.top_k = args.num_experts_per_tok
+        self.n_experts = args.n_routed_experts
+        self.scoring = args.scoring_func
+        self.norm_topk = args.norm_topk_prob
+        self.scaling = args.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(args.n_routed_experts, args.hidden_size))
+        nn.init.normal_(self.weight, std=args.initializer_range)
+        if hashed:
+            # Frozen token -> experts table (checkpoints overwrite it). Default: a multiplicative
+            # hash picks a start expert, the token takes K consecutive (distinct) experts from it.
+            start = (torch.arange(args.vocab_size, dtype=torch.long) * 2654435761) % args.n_routed_experts
+            table = (start[:, None] + torch.arange(self.top_k)) % args.n_routed_experts
+            self.register_buffer("tid2eid", table.long())
+        else:
+            self.register_buffer("e_score_correction_bias", torch.zeros(args.n_routed_experts, dtype=torch.float32))
+
+    def forward(self, x_ND: torch.Tensor, token_ids_N: torch.Tensor | None = None):
+        logits = F.linear(x_ND.float(), self.weight.float())
+        scores = score_fn(logits, self.scoring)
+        if self.hashed:
+            if token_ids_N is None:
+                raise ValueError("hash-routed MoE layer needs the token ids (input_ids)")
+            indices = self.tid2eid[token_ids_N].long()
+        else:
+            indices = torch.topk(scores + self.e_score_correction_bias, self.top_k, dim=-1, sorted=False).indices
+        weights = scores.gather(1, indices)
+        if self.norm_topk:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return scores, weights * self.scaling, indices
+
+
+class Experts(nn.Module):
+    """Routed expert weights as 3-D tensors (HF layout):
+    ``gate_up_proj [E, 2I, D]`` (gate rows first), ``down_proj [E, D, I]``."""
+
+    def __init__(self, n_experts: int, hidden: int, inter: int, limit: float, std: float):
+        super().__init__()
+        self.limit = limit
+        self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * inter, hidden))
+        self.down_proj = nn.Parameter(torch.empty(n_experts, hidden, inter))
+        nn.init.normal_(self.gate_up_proj, std=std)
+        nn.init.normal_(self.down_proj, std=std)
+
+    def forward(self, x_ND: torch.Tensor, indices_NK: torch.Tensor, weights_NK: torch.Tensor) -> torch.Tensor:
+        """Vectorised dispatch/combine: ``sum_k w[n,k] * expert_{idx[n,k]}(x[n])`` -> ``[N, D]``."""
+        N, K = indices_NK.shape
+        flat_e = indices_NK.reshape(-1)
+        order = torch.argsort(flat_e, stable=True)
+        token_of = order // K
+        counts = torch.bincount(flat_e, minlength=self.gate_up_proj.shape[0]).tolist()
+        x_sorted = x_ND[token_of]
+        w_sorted = weights_NK.reshape(-1)[order].to(x_ND.dtype)
+        outs = []
+        start = 0
+        for e, c in enumerate(counts):
+            if c == 0:
+                continue
+            xs = x_sorted[start:start + c]
+            gate, up = F.linear(xs, self.gate_up_proj[e]).chunk(2, dim=-1)
+            h = F.silu(gate.clamp(max=self.limit)) * up.clamp(min=-self.limit, max=self.limit)
+            outs.append(F.linear(h, self.down_proj[e]))
+            start += c
+        y = torch.cat(outs, dim=0) * w_sorted.unsqueeze(-1) if outs else x_sorted[:0]
+        return torch.zeros_like(x_ND).index_add_(0, token_of, y)
+
+
+class SharedExpert(nn.Module):
+    """Always-on SwiGLU expert with the same clamp (HF ``DeepseekV4MLP``)."""
+
+    def __init__(self, hidden: int, inter: int, limit: float, std: float):
+        super().__init__()
+        self.limit = limit
+        self.gate_proj = nn.Linear(hidden, inter, bias=False)
+        self.up_proj = nn.Linear(hidden, inter, bias=False)
+        self.down_proj = nn.Linear(inter, hidden, bias=False)
+        for m in (self.gate_proj, self.up_proj, self.down_proj):
+            nn.init.normal_(m.weight, std=std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate = self.gate_proj(x).clamp(max=self.limit)
+        up = self.up_proj(x).clamp(min=-self.limit, max=self.limit)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class MoE(nn.Module):
+    """Shared + routed experts for one layer. ``forward(x [B,S,D], input_ids [B,S])``
+    returns ``[B,S,D]``. After each call ``last_scores [N,E]`` and ``last_indices
+    [N,K]`` hold the routing of that call (used by balancing in training)."""
+
+    def __init__(self, args: ModelArgs, hashed: bool):
+        super().__init__()
+        self.gate = Router(args, hashed)
+        self.experts = Experts(args.n_routed_experts, args.hidden_size, args.moe_intermediate_size,
+                               args.swiglu_limit, args.initializer_range)
+        self.shared_experts = (SharedExpert(args.hidden_size, args.moe_intermediate_size * args.n_shared_experts,
+                                            args.swiglu_limit, args.initializer_range)
+                               if args.n_shared_experts > 0 else None)
+        self.last_scores: torch.Tensor | None = None
+        self.last_indices: torch.Tensor | None = None
+
+    def forward(self, x_BSD: torch.Tensor, input_ids: torch.Tensor | None = None) -> torch.Tensor:
+        B, S, D = x_BSD.shape
+        flat = x_BSD.reshape(-1, D)
+        ids = input_ids.reshape(-1) if input_ids is not None else None
+        scores, weights, indices = self.gate(flat, ids)
+        self.last_scores, self.last_indices = scores, indices
+        out = self.experts(flat, indices, weights).view(B, S, D)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x_BSD)
+        return out

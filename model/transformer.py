@@ -1,0 +1,203 @@
+"""The DeepSeek-V4 decoder: embedding -> N x (mHC-wrapped attention + MoE) -> hyper-head -> LM head, plus MTP.
+
+Parameter names mirror ``transformers.DeepseekV4ForCausalLM`` (without its
+``model.`` prefix) so checkpoints map one to one (see ``model.hf_io``).
+
+Letters: B batch, S sequence, N hc streams, E hidden, V vocab.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import Attention
+from .config import SWA, ModelArgs
+from .layers import HyperConnection, HyperHead, RMSNorm
+from .moe import MoE
+from .state import ModelState
+
+DEFAULT_PREFILL_CHUNK = 2048
+
+
+class Block(nn.Module):
+    """One decoder layer: ``X <- mHC(attention)``, then ``X <- mHC(MoE)`` (SPEC sections 2-4)."""
+
+    def __init__(self, args: ModelArgs, layer_type: str, mlp_type: str):
+        super().__init__()
+        E = args.hidden_size
+        self.self_attn = Attention(args, layer_type)
+        self.mlp = MoE(args, hashed=mlp_type == "hash_moe")
+        self.input_layernorm = RMSNorm(E, args.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(E, args.rms_norm_eps)
+        hc = dict(hidden_size=E, hc_mult=args.hc_mult, sinkhorn_iters=args.hc_sinkhorn_iters,
+                  hc_eps=args.hc_eps, norm_eps=args.rms_norm_eps)
+        self.attn_hc = HyperConnection(**hc)
+        self.ffn_hc = HyperConnection(**hc)
+
+    def forward(self, streams_BSNE: torch.Tensor, input_ids: torch.Tensor | None, pos0: int = 0,
+                state=None) -> torch.Tensor:
+        post, comb, x = self.attn_hc(streams_BSNE)
+        a = self.self_attn(self.input_layernorm(x), pos0, state)
+        streams_BSNE = HyperConnection.merge(streams_BSNE, a, post, comb)
+        post, comb, x = self.ffn_hc(streams_BSNE)
+        m = self.mlp(self.post_attention_layernorm(x), input_ids)
+        return HyperConnection.merge(streams_BSNE, m, post, comb)
+
+
+class MTPBlock(nn.Module):
+    """Multi-token prediction module, depth 1 (DeepSeek-V3 section 2.2, SPEC section 5).
+
+    At position i it combines the main model's hidden state ``h_i`` (after the
+    hyper-head, before the final norm) with the embedding of token ``t_{i+1}``:
+    ``x = eh_proj([enorm(emb(t_{i+1})); hnorm(h_i)])``, runs one sliding-window
+    decoder block on ``hc_mult`` copies of x, collapses with its own hyper-head
+    and norm, and predicts ``t_{i+2}`` with the shared LM head.
+    Checkpoint keys: ``mtp.0.*`` (ignored by ``transformers`` on load).
+    """
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        E = args.hidden_size
+        self.hc_mult = args.hc_mult
+        self.enorm = RMSNorm(E, args.rms_norm_eps)
+        self.hnorm = RMSNorm(E, args.rms_norm_eps)
+        self.eh_proj = nn.Linear(2 * E, E, bias=False)
+        nn.init.normal_(self.eh_proj.weight, std=args.initializer_range)
+        self.block = Block(args, SWA, "moe")
+        self.hc_head = HyperHead(E, args.hc_mult, args.hc_eps, args.rms_norm_eps)
+        self.norm = RMSNorm(E, args.rms_norm_eps)
+
+    def forward(self, hidden_BSE: torch.Tensor, next_emb_BSE: torch.Tensor, next_ids: torch.Tensor,
+                pos0: int = 0, state=None) -> torch.Tensor:
+        """Returns the normalised MTP hidden ``[B,S,E]`` (apply the LM head for logits)."""
+        x = self.eh_proj(torch.cat([self.enorm(next_emb_BSE), self.hnorm(hidden_BSE)], dim=-1))
+        streams = x.unsqueeze(2).expand(-1, -1, self.hc_mult, -1).contiguous()
+        streams = self.block(streams, next_ids, pos0, state)
+        return self.norm(self.hc_head(streams))
+
+
+class Transformer(nn.Module):
+    """DeepSeek-V4 causal LM (logit-for-logit with ``transformers.DeepseekV4ForCausalLM``).
+
+    ``forward(input_ids [B,S] int64) -> logits [B,S,V]`` float (the parameters' dtype).
+    Pass a ``ModelState`` (``new_state``) to continue a sequence (decode or
+    chunked prefill): positions start at ``state.pos`` and the state advances.
+    """
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        E = args.hidden_size
+        self.embed_tokens = nn.Embedding(args.vocab_size, E)
+        nn.init.normal_(self.embed_tokens.weight, std=args.initializer_range)
+        self.layers = nn.ModuleList(
+            Block(args, lt, mt) for lt, mt in zip(args.layer_types, args.mlp_layer_types))
+        self.hc_head = HyperHead(E, args.hc_mult, args.hc_eps, args.rms_norm_eps)
+        self.norm = RMSNorm(E, args.rms_norm_eps)
+        self.lm_head = nn.Linear(E, args.vocab_size, bias=False)
+        nn.init.normal_(self.lm_head.weight, std=args.initializer_range)
+        self.mtp = nn.ModuleList(MTPBlock(args) for _ in range(args.num_nextn_predict_layers))
+
+    # ------------------------------------------------------------------ state
+    def new_state(self, batch: int = 1, dtype: torch.dtype | None = None, device=None) -> ModelState:
+        """An empty decode state for ``batch`` sequences (see ``model.state``)."""
+        p = self.embed_tokens.weight
+        dtype, device = dtype or p.dtype, device or p.device
+        st = ModelState([blk.self_attn.new_state(batch, dtype, device) for blk in self.layers])
+        if len(self.mtp):
+            st.mtp = self.mtp[0].block.self_attn.new_state(batch, dtype, device)
+        return st
+
+    # ---------------------------------------------------------------- forward
+    def forward_hidden(self, input_ids: torch.Tensor, state: ModelState | None = None) -> torch.Tensor:
+        """Hidden states after the hyper-head, before the final norm: ``[B,S,E]``."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+        pos0 = state.pos if state is not None else 0
+        x = self.embed_tokens(input_ids)
+        streams = x.unsqueeze(2).expand(-1, -1, self.args.hc_mult, -1).contiguous()
+        for i, layer in enumerate(self.layers):
+            streams = layer(streams, input_ids, pos0, state.layers[i] if state is not None else None)
+        if state is not None:
+            state.pos += input_ids.shape[1]
+        return self.hc_head(streams)
+
+    def forward(self, input_ids: torch.Tensor, state: ModelState | None = None,
+                logits_to_keep: int = 0) -> torch.Tensor:
+        """Logits ``[B, S, V]`` (or ``[B, logits_to_keep, V]`` for the last positions)."""
+        h = self.forward_hidden(input_ids, state)
+        if logits_to_keep:
+            h = h[:, -logits_to_keep:]
+        return self.lm_head(self.norm(h))
+
+    def mtp_logits(self, hidden_BSE: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """MTP logits ``[B, S-1, V]``: row i predicts token ``i+2`` from ``h_i`` and token ``i+1``."""
+        if not len(self.mtp):
+            raise ValueError("this model has num_nextn_predict_layers = 0 (no MTP module)")
+        nxt = input_ids[:, 1:]
+        h = self.mtp[0](hidden_BSE[:, :-1], self.embed_tokens(nxt), nxt)
+        return self.lm_head(h)
+
+    # -------------------------------------------------------------- inference
+    @torch.no_grad()
+    def prefill(self, input_ids: torch.Tensor, state: ModelState,
+                chunk_size: int = DEFAULT_PREFILL_CHUNK) -> torch.Tensor:
+        """Feed a prompt through ``state`` in chunks of ``chunk_size`` tokens (memory
+        O(chunk) + state); returns the last position's logits ``[B, V]``."""
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        logits = None
+        for s in range(0, input_ids.shape[1], chunk_size):
+            logits = self.forward(input_ids[:, s:s + chunk_size], state, logits_to_keep=1)
+        if logits is None:
+            raise ValueError("prefill needs at least one token")
+        return logits[:, -1]
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.0,
+                 eos_token_id: int | None = None, chunk_size: int = DEFAULT_PREFILL_CHUNK,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """Greedy (``temperature=0``) or sampled continuation: returns ``[B, S + new]`` int64."""
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        state = self.new_state(input_ids.shape[0])
+        logits = self.prefill(input_ids, state, chunk_size)
+        out = [input_ids]
+        for _ in range(max_new_tokens):
+            if temperature > 0:
+                probs = torch.softmax(logits.float() / temperature, dim=-1)
+                nxt = torch.multinomial(probs, 1, generator=generator)
+            else:
+                nxt = logits.argmax(dim=-1, keepdim=True)
+            out.append(nxt)
+            if eos_token_id is not None and bool((nxt == eos_token_id).all()):
+                break
+            logits = self.forward(nxt, state)[:, -1]
+        return torch.cat(out, dim=1)
+
+    # ------------------------------------------------------------- reporting
+    def num_params(self) -> dict[str, int]:
+        """Parameter counts: ``total``, ``active`` (per token: routed experts counted
+        ``k/E``), ``mtp`` (the MTP module, included in total, not in active)."""
+        total = sum(p.numel() for p in self.parameters())
+        mtp = sum(p.numel() for p in self.mtp.parameters())
+        routed = sum(p.numel() for n, p in self.layers.named_parameters() if ".experts." in n)
+        frac = self.args.num_experts_per_tok / self.args.n_routed_experts
+        active = total - mtp - routed + int(routed * frac)
+        return {"total": total, "active": active, "mtp": mtp}
+
+    def set_dense_csa(self, dense: bool) -> None:
+        """Dense mode: CSA layers attend to every visible compressed entry (curriculum stage 1)."""
+        for blk in self.layers:
+            blk.self_attn.dense_csa = dense
+
+
+@contextlib.contextmanager
+def meta_device():
+    """Build modules on the ``meta`` device (shape/memory accounting of v4-flash / v4-pro)."""
+    with torch.device("meta"):
+        yield

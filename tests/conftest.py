@@ -1,0 +1,21 @@
+"""Test configuration: run from the repository root, float32, deterministic seeds."""
+
+import os
+import sys
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> str:
+    """Absolute path of the repository root (where ``python -m cluster.cli`` runs)."""
+    return ROOT
