@@ -2,8 +2,12 @@
 
 A checkpoint directory holds ``config.json`` (a ``DeepseekV4Config``) and either
 ``model.safetensors`` or shards listed in ``model.safetensors.index.json``.
-Tensor names are HF's: ``model.<our name>`` for the decoder, ``lm_head.weight``,
-and ``mtp.<i>.*`` for the MTP module (which ``transformers`` ignores on load).
+``load_hf`` reads both tensor-name dialects: DeepSeek's original names (the hub
+checkpoints, and what ``transformers`` ``save_pretrained`` writes: ``layers.N.attn.wq_a``,
+per-expert ``ffn.experts.E.w1/w2/w3``, ...) and HF's in-memory names, which are
+ours (``model.layers.N.self_attn.q_a_proj``, stacked ``mlp.experts.gate_up_proj``).
+``save_hf`` writes the in-memory names, ``lm_head.weight``, and ``mtp.<i>.*`` for
+the MTP module (which ``transformers`` ignores on load).
 Checkpoints are never unpickled: only JSON and safetensors are read.
 """
 
@@ -11,6 +15,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import warnings
 import tempfile
 from pathlib import Path
 
@@ -26,15 +32,79 @@ SINGLE_NAME = "model.safetensors"
 
 
 def to_hf_name(name: str) -> str:
-    """Our parameter name -> the HF checkpoint key."""
+    """Our parameter name -> the key ``save_hf`` writes (HF's in-memory naming)."""
     if name.startswith(("lm_head.", "mtp.")):
         return name
     return "model." + name
 
 
+# DeepSeek's original tensor names (the hub checkpoints, and what ``transformers``
+# ``save_pretrained`` writes back out) -> HF's in-memory names, which are ours.
+# Applied in order to the key without its ``model.`` prefix.
+_DEEPSEEK_RENAMES: list[tuple[str, str]] = [
+    (r"\.attn\.", ".self_attn."),
+    (r"\.ffn\.", ".mlp."),
+    (r"\.indexer\.compressor\.", ".compressor.indexer."),
+    (r"^embed\.weight$", "embed_tokens.weight"),
+    (r"^head\.weight$", "lm_head.weight"),
+    (r"^hc_head_(fn|base|scale)$", r"hc_head.hc_\1"),
+    (r"\.attn_norm\.", ".input_layernorm."),
+    (r"\.ffn_norm\.", ".post_attention_layernorm."),
+    (r"\.hc_attn_(fn|base|scale)$", r".attn_hc.\1"),
+    (r"\.hc_ffn_(fn|base|scale)$", r".ffn_hc.\1"),
+    (r"\.attn_sink$", ".sinks"),
+    (r"\.indexer\.weights_proj\.", ".compressor.indexer.scorer.weights_proj."),
+    (r"\.indexer\.wq_b\.", ".compressor.indexer.q_b_proj."),
+    (r"\.norm\.", ".kv_norm."),
+    (r"\.ape$", ".position_bias"),
+    (r"\.wq_a\.", ".q_a_proj."),
+    (r"\.wq_b\.", ".q_b_proj."),
+    (r"\.wkv\.", ".kv_proj."),
+    (r"\.wgate\.", ".gate_proj."),
+    (r"\.wo_a\.", ".o_a_proj."),
+    (r"\.wo_b\.", ".o_b_proj."),
+    (r"\.q_norm\.", ".q_a_norm."),
+    (r"\.gate\.bias$", ".gate.e_score_correction_bias"),
+    (r"\.shared_experts\.w1\.", ".shared_experts.gate_proj."),
+    (r"\.shared_experts\.w2\.", ".shared_experts.down_proj."),
+    (r"\.shared_experts\.w3\.", ".shared_experts.up_proj."),
+]
+_EXPERT_KEY = re.compile(r"^(.*\.experts)\.(\d+)\.(w1|w2|w3)\.weight$")
+
+
 def from_hf_name(key: str) -> str:
-    """HF checkpoint key -> our parameter name."""
-    return key[len("model."):] if key.startswith("model.") else key
+    """A checkpoint key (HF in-memory naming or DeepSeek's original naming) -> our name.
+
+    Per-expert DeepSeek keys (``...experts.<e>.w1.weight``) are returned unchanged;
+    ``load_hf`` stacks them into ``gate_up_proj`` / ``down_proj``.
+    """
+    if key.startswith("mtp."):
+        return key
+    name = key[len("model."):] if key.startswith("model.") else key
+    if _EXPERT_KEY.match(name) or name in _OUR_TOP_LEVEL:
+        return name
+    for pat, rep in _DEEPSEEK_RENAMES:
+        name = re.sub(pat, rep, name)
+    return name
+
+
+_OUR_TOP_LEVEL = {"norm.weight", "lm_head.weight", "embed_tokens.weight"}
+
+
+def _merge_experts(loaded: dict[str, torch.Tensor], n_experts: int, source: str) -> None:
+    """Stack DeepSeek per-expert ``w1``/``w3`` (gate/up) and ``w2`` (down) matrices in place."""
+    groups: dict[str, dict[tuple[int, str], torch.Tensor]] = {}
+    for name in [k for k in loaded if _EXPERT_KEY.match(k)]:
+        prefix, e, w = _EXPERT_KEY.match(name).groups()
+        groups.setdefault(from_hf_name(prefix + ".x").rsplit(".", 1)[0], {})[(int(e), w)] = loaded.pop(name)
+    for prefix, mats in groups.items():
+        got = {e for e, _ in mats}
+        if got != set(range(n_experts)) or len(mats) != 3 * n_experts:
+            raise ValueError(f"{source}: {prefix} has per-expert weights for experts {sorted(got)[:8]}..., "
+                             f"expected w1/w2/w3 for all {n_experts} experts")
+        loaded[prefix + ".gate_up_proj"] = torch.stack(
+            [torch.cat([mats[(e, "w1")], mats[(e, "w3")]], dim=0) for e in range(n_experts)])
+        loaded[prefix + ".down_proj"] = torch.stack([mats[(e, "w2")] for e in range(n_experts)])
 
 
 def _checkpoint_files(path: Path) -> list[Path]:
@@ -77,20 +147,29 @@ def load_hf(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, devi
         model = Transformer(args)
     model.to(dtype)
     expected = model.state_dict()
-    loaded: dict[str, torch.Tensor] = {}
+    raw: dict[str, torch.Tensor] = {}
     for f in _checkpoint_files(p):
         if not f.is_file():
             raise ValueError(f"{p}: shard {f.name} listed in the index is missing")
         with safe_open(str(f), framework="pt", device=str(device)) as sf:
             for key in sf.keys():
-                name = from_hf_name(key)
-                if name not in expected:
-                    raise ValueError(f"{f.name}: unexpected tensor {key!r} (not part of this architecture)")
-                t = sf.get_tensor(key)
-                if tuple(t.shape) != tuple(expected[name].shape):
-                    raise ValueError(f"{f.name}: tensor {key!r} has shape {tuple(t.shape)}, the config implies "
-                                     f"{tuple(expected[name].shape)}")
-                loaded[name] = t.to(expected[name].dtype)
+                raw[from_hf_name(key)] = sf.get_tensor(key)
+    _merge_experts(raw, args.n_routed_experts, str(p))
+    loaded: dict[str, torch.Tensor] = {}
+    ignored_mtp = []
+    for name, t in raw.items():
+        if name not in expected:
+            if name.startswith("mtp.") and not strict_mtp:
+                ignored_mtp.append(name)
+                continue
+            raise ValueError(f"{p}: unexpected tensor {to_hf_name(name)!r} (not part of this architecture)")
+        if tuple(t.shape) != tuple(expected[name].shape):
+            raise ValueError(f"{p}: tensor {to_hf_name(name)!r} has shape {tuple(t.shape)}, the config implies "
+                             f"{tuple(expected[name].shape)}")
+        loaded[name] = t.to(expected[name].dtype)
+    if ignored_mtp:
+        warnings.warn(f"{p}: {len(ignored_mtp)} MTP tensor(s) in a layout this model does not know were ignored "
+                      f"(e.g. {ignored_mtp[0]!r}); the MTP module keeps its initialisation", stacklevel=2)
     missing = sorted(set(expected) - set(loaded))
     missing_non_mtp = [k for k in missing if not k.startswith("mtp.")]
     if missing_non_mtp or (strict_mtp and missing):

@@ -1,0 +1,117 @@
+"""Checkpoint IO: HF save_pretrained -> load_hf -> save_hf -> HF from_pretrained, sharded or not."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from model import load_hf, save_hf
+from tests.model.hf_utils import hf_pair
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return hf_pair("c4_16_w32", seed=5)
+
+
+def _ids(vocab, S=70, seed=0):
+    return torch.randint(0, vocab, (2, S), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("shard", [None, "20KB"])
+def test_round_trip(pair, tmp_path, shard):
+    from transformers import DeepseekV4ForCausalLM
+
+    hf, _ = pair
+    ids = _ids(hf.config.vocab_size)
+    kw = {"max_shard_size": shard} if shard else {}
+    hf.save_pretrained(tmp_path / "hf", **kw)
+    if shard:
+        assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()
+    ours = load_hf(tmp_path / "hf").eval()
+    with torch.no_grad():
+        ref = hf(ids).logits
+        assert (ours(ids) - ref).abs().max().item() <= 1e-5
+    save_hf(ours, tmp_path / "ours", max_shard_bytes=30_000 if shard else None)
+    back = DeepseekV4ForCausalLM.from_pretrained(tmp_path / "ours", dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, ref)
+    # MTP weights are ours only (HF drops them); they survive our own round trip exactly.
+    again = load_hf(tmp_path / "ours", strict_mtp=True)
+    for k, v in ours.state_dict().items():
+        assert torch.equal(again.state_dict()[k], v), k
+
+
+def test_mtp_missing_is_allowed_unless_strict(pair, tmp_path):
+    hf, _ = pair
+    hf.save_pretrained(tmp_path)
+    load_hf(tmp_path)
+    with pytest.raises(ValueError, match="lacks"):
+        load_hf(tmp_path, strict_mtp=True)
+
+
+def test_bad_checkpoints_raise_clear_errors(pair, tmp_path):
+    hf, ours = pair
+    with pytest.raises(ValueError, match="no config.json"):
+        load_hf(tmp_path)
+    save_hf(ours, tmp_path / "ok")
+    weights = load_file(tmp_path / "ok" / "model.safetensors")
+
+    def variant(name, tensors, config=None):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "config.json").write_text(config or (tmp_path / "ok" / "config.json").read_text())
+        save_file(tensors, d / "model.safetensors")
+        return d
+
+    missing = dict(weights)
+    missing.pop("model.layers.1.self_attn.kv_proj.weight")
+    with pytest.raises(ValueError, match="kv_proj"):
+        load_hf(variant("missing", missing))
+    wrong = dict(weights)
+    wrong["model.norm.weight"] = torch.ones(3)
+    with pytest.raises(ValueError, match="shape"):
+        load_hf(variant("shape", wrong))
+    extra = dict(weights)
+    extra["model.layers.9.foo"] = torch.ones(1)
+    with pytest.raises(ValueError, match="unexpected"):
+        load_hf(variant("extra", extra))
+    cfg = json.loads((tmp_path / "ok" / "config.json").read_text())
+    cfg["index_topk"] = 0
+    with pytest.raises(ValueError, match="index_topk"):
+        load_hf(variant("badcfg", weights, json.dumps(cfg)))
+    with pytest.raises(ValueError, match="invalid JSON"):
+        load_hf(variant("badjson", weights, "{not json"))
+
+
+def test_save_is_atomic_and_overwrites_cleanly(pair, tmp_path):
+    _, ours = pair
+    save_hf(ours, tmp_path, max_shard_bytes=30_000)
+    save_hf(ours, tmp_path)  # now unsharded: the stale index must go, shards are ignored
+    assert not (tmp_path / "model.safetensors.index.json").exists()
+    assert not list(tmp_path.glob(".*.tmp"))
+    load_hf(tmp_path, strict_mtp=True)
+
+
+def test_loads_deepseek_hub_naming(pair, tmp_path):
+    """The hub checkpoints use DeepSeek's names with no ``model.`` prefix (``embed.weight``, ``hc_head_fn``...)."""
+    hf, _ = pair
+    hf.save_pretrained(tmp_path / "hf")
+    tensors = load_file(tmp_path / "hf" / "model.safetensors")
+    renamed = {}
+    for k, v in tensors.items():
+        k = k.removeprefix("model.")
+        k = {"embed_tokens.weight": "embed.weight"}.get(k, k)
+        k = k.replace("hc_head.hc_", "hc_head_")
+        renamed[k] = v
+    assert "layers.0.ffn.experts.0.w1.weight" in renamed and "embed.weight" in renamed
+    (tmp_path / "hub").mkdir()
+    (tmp_path / "hub" / "config.json").write_text((tmp_path / "hf" / "config.json").read_text())
+    save_file(renamed, tmp_path / "hub" / "model.safetensors")
+    ours = load_hf(tmp_path / "hub").eval()
+    ids = _ids(hf.config.vocab_size, S=40)
+    with torch.no_grad():
+        assert (ours(ids) - hf(ids).logits).abs().max().item() <= 1e-5
