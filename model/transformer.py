@@ -181,13 +181,14 @@ class Transformer(nn.Module):
 
     # ------------------------------------------------------------- reporting
     def num_params(self) -> dict[str, int]:
-        """Parameter counts: ``total``, ``active`` (per token: routed experts counted
-        ``k/E``), ``mtp`` (the MTP module, included in total, not in active)."""
-        total = sum(p.numel() for p in self.parameters())
+        """Parameter counts: ``total`` (without MTP), ``active`` per token (routed experts
+        counted ``k/E``, embedding and head included), ``mtp`` (the MTP module).
+        Works on the ``meta`` device (no memory is allocated)."""
         mtp = sum(p.numel() for p in self.mtp.parameters())
+        total = sum(p.numel() for p in self.parameters()) - mtp
         routed = sum(p.numel() for n, p in self.layers.named_parameters() if ".experts." in n)
         frac = self.args.num_experts_per_tok / self.args.n_routed_experts
-        active = total - mtp - routed + int(routed * frac)
+        active = total - routed + int(routed * frac)
         return {"total": total, "active": active, "mtp": mtp}
 
     def set_dense_csa(self, dense: bool) -> None:
