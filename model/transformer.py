@@ -117,6 +117,17 @@ class Transformer(nn.Module):
         """Hidden states after the hyper-head, before the final norm: ``[B,S,E]``."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+        if input_ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"input_ids must be int64 (or int32) token ids, got {input_ids.dtype}")
+        if input_ids.shape[1] == 0:
+            raise ValueError("input_ids has no tokens (sequence length 0)")
+        if input_ids.numel():
+            lo, hi = int(input_ids.min()), int(input_ids.max())
+            if lo < 0 or hi >= self.args.vocab_size:
+                raise ValueError(f"token ids must be in [0, {self.args.vocab_size}), got min {lo}, max {hi}")
+        if state is not None and state.layers and state.layers[0].window.shape[0] != input_ids.shape[0]:
+            raise ValueError(f"state was created for batch {state.layers[0].window.shape[0]}, input_ids has "
+                             f"batch {input_ids.shape[0]}")
         pos0 = state.pos if state is not None else 0
         x = self.embed_tokens(input_ids)
         streams = x.unsqueeze(2).expand(-1, -1, self.args.hc_mult, -1).contiguous()

@@ -123,6 +123,14 @@ def test_bad_inputs():
     m = _csa_model()
     with pytest.raises(ValueError, match="input_ids must be"):
         m(torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="int64"):
+        m(torch.zeros(1, 3))
+    with pytest.raises(ValueError, match=r"\[0, 512\)"):
+        m(torch.full((1, 3), 512))
+    with pytest.raises(ValueError, match="no tokens"):
+        m(torch.zeros(1, 0, dtype=torch.long))
+    with pytest.raises(ValueError, match="batch 2"):
+        m(torch.zeros(1, 3, dtype=torch.long), m.new_state(2))
     with pytest.raises(ValueError, match="chunk_size"):
         m.prefill(torch.zeros(1, 3, dtype=torch.long), m.new_state(1), chunk_size=0)
 
