@@ -61,7 +61,7 @@ class Compressor(nn.Module):
         nn.init.normal_(self.gate_proj.weight, std=std)
 
     def forward(self, x_BSE: torch.Tensor, rotary: Rotary, state: CompressorState | None,
-                start_entry: int) -> torch.Tensor:
+                start_entry: int, doc_ids_BS: torch.Tensor | None = None) -> torch.Tensor:
         """Compress the blocks that close within ``x`` (plus the state's tail).
 
         Args:
@@ -70,6 +70,8 @@ class Compressor(nn.Module):
                 complete blocks of ``x`` starting at position 0 are compressed).
             start_entry: index of the first entry this call may emit (entries are
                 rotated at ``(start_entry + i) * M``).
+            doc_ids_BS: packed-document ids (stateless only): with overlap, block i-1
+                joins entry i only if it starts in the same document as block i.
         Returns:
             new entries ``[B, n, D]`` (post-norm, post-RoPE).
         """
@@ -100,6 +102,11 @@ class Compressor(nn.Module):
                 state.overlap_kv, state.overlap_gate = nxt_kv[:, -1].clone(), nxt_gate[:, -1].clone()
             prev_kv = torch.cat([first_kv.to(kv.dtype), nxt_kv[:, :-1]], dim=1)
             prev_gate = torch.cat([first_gate.to(gate.dtype), nxt_gate[:, :-1]], dim=1)
+            if doc_ids_BS is not None and n > 1:
+                starts = doc_ids_BS[:, : n * self.rate: self.rate]  # [B,n] doc of each block's first token
+                cross = torch.zeros_like(starts, dtype=torch.bool)
+                cross[:, 1:] = starts[:, 1:] != starts[:, :-1]
+                prev_gate = prev_gate.masked_fill(cross.view(B, n, 1, 1), float("-inf"))
             kv = torch.cat([prev_kv, cur_kv], dim=2)
             gate = torch.cat([prev_gate, cur_gate], dim=2)
         pooled = (kv * gate.softmax(dim=2, dtype=torch.float32).to(kv.dtype)).sum(dim=2)
@@ -132,9 +139,9 @@ class Indexer(Compressor):
         for m in (self.q_b_proj, self.scorer.weights_proj):
             nn.init.normal_(m.weight, std=std)
 
-    def compress(self, x_BSE, rotary, state, start_entry):
+    def compress(self, x_BSE, rotary, state, start_entry, doc_ids_BS=None):
         """The indexer's compressed keys ``[B, n, index_head_dim]`` (see ``Compressor.forward``)."""
-        return Compressor.forward(self, x_BSE, rotary, state, start_entry)
+        return Compressor.forward(self, x_BSE, rotary, state, start_entry, doc_ids_BS)
 
     def queries(self, x_BSE: torch.Tensor, cq_BSL: torch.Tensor, q_cos, q_sin):
         """``(q [B,S,I,Di] float32, w [B,S,I] float32)`` for the scorer."""
@@ -151,15 +158,18 @@ class Indexer(Compressor):
         logits = F.relu(logits) * self.head_dim ** -0.5
         return (logits * w_BQI.unsqueeze(-1)).sum(dim=2)
 
-    def select(self, scores_BQT: torch.Tensor, q_pos_Q: torch.Tensor):
+    def select(self, scores_BQT: torch.Tensor, q_pos_Q: torch.Tensor, allowed_BQT: torch.Tensor | None = None):
         """Top-k eligible entries: ``(indices [B,Q,K] int64 clamped >= 0, valid [B,Q,K] bool)``.
 
+        Eligible: causal (``s < (t+1)//M``) and, if given, ``allowed`` (same document).
         ``K = min(index_topk, T)``; slots beyond a query's eligible count are invalid.
         """
         T = scores_BQT.shape[-1]
         k = min(self.topk, T)
         limit = ((q_pos_Q + 1) // self.rate).view(1, -1, 1)
         eligible = torch.arange(T, device=scores_BQT.device).view(1, 1, -1) < limit
+        if allowed_BQT is not None:
+            eligible = eligible & allowed_BQT
         masked = scores_BQT.masked_fill(~eligible, float("-inf"))
         if k == 0:
             idx = masked.topk(0, dim=-1).indices
@@ -176,7 +186,7 @@ class Indexer(Compressor):
         room = k - above.sum(-1, keepdim=True)
         chosen = above | (tied & (tied.cumsum(-1) <= room))
         idx = chosen.to(torch.uint8).topk(k, dim=-1).indices
-        valid = idx < limit
+        valid = torch.gather(eligible.expand_as(masked), -1, idx)
         return torch.where(valid, idx, torch.zeros_like(idx)), valid
 
 
@@ -230,7 +240,19 @@ class Attention(nn.Module):
         return st
 
     # ---------------------------------------------------------------- forward
-    def forward(self, x_BSE: torch.Tensor, pos0: int = 0, state: LayerState | None = None) -> torch.Tensor:
+    def forward(self, x_BSE: torch.Tensor, pos0: int = 0, state: LayerState | None = None,
+                doc_ids_BS: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention output ``[B,S,E]``; see the class docstring.
+
+        ``doc_ids_BS`` (training, stateless only): non-decreasing document ids of
+        packed sequences; a query sees window keys and compressed entries of its own
+        document only. An entry belongs to a document when its whole pooled span does;
+        a CSA entry whose previous block starts in another document pools its own block
+        only, as the first entry of a sequence does. A document that starts on a block
+        boundary therefore gets exactly the logits it would get alone.
+        """
+        if doc_ids_BS is not None and state is not None:
+            raise ValueError("doc_ids (sample-level masking) is for stateless training forwards only")
         B, S, _ = x_BSE.shape
         H, D = self.n_heads, self.head_dim
         dev = x_BSE.device
@@ -253,7 +275,7 @@ class Attention(nn.Module):
         if self.compressor is not None:
             cstate = state.compressor if state is not None else None
             start = cstate.comp.n if cstate is not None else 0
-            new = self.compressor(x_BSE, self.rotary, cstate, start)
+            new = self.compressor(x_BSE, self.rotary, cstate, start, doc_ids_BS)
             if cstate is not None:
                 cstate.comp.append(new)
                 comp = cstate.comp.data
@@ -263,7 +285,7 @@ class Attention(nn.Module):
                 ix = self.compressor.indexer
                 istate = state.indexer if state is not None else None
                 istart = istate.comp.n if istate is not None else 0
-                inew = ix.compress(x_BSE, self.rotary, istate, istart)
+                inew = ix.compress(x_BSE, self.rotary, istate, istart, doc_ids_BS)
                 if istate is not None:
                     istate.comp.append(inew)
                     ikeys = istate.comp.data
@@ -272,6 +294,13 @@ class Attention(nn.Module):
                 icos, isin = self.rotary.cos_sin(q_pos, "compress")
                 iq, iw = ix.queries(x_BSE, cq, icos, isin)
                 sel = ikeys
+
+        entry_doc = None
+        if doc_ids_BS is not None and comp is not None and comp.shape[1]:
+            # An entry is visible to a query of the same document as its block's first token:
+            # causality puts the block's end before the query, so the whole block is in that
+            # document, and the compressor dropped the previous block if it started elsewhere.
+            entry_doc = doc_ids_BS[:, torch.arange(comp.shape[1], device=dev) * self.rate]  # [B,T]
 
         out = torch.empty(B, S, H, D, dtype=q.dtype, device=dev)
         for c0 in range(0, S, QUERY_CHUNK):
@@ -283,16 +312,27 @@ class Attention(nn.Module):
             if state is not None and pos0 + c0 - self.window + 1 < pos0:
                 keys = torch.cat([ring, keys], dim=1)
                 kpos = torch.cat([ring_pos, kpos])
-            win_mask = (kpos.view(1, -1) <= qp.view(-1, 1)) & (kpos.view(1, -1) > qp.view(-1, 1) - self.window) \
-                & (kpos.view(1, -1) >= 0)
+            win_mask = ((kpos.view(1, -1) <= qp.view(-1, 1)) & (kpos.view(1, -1) > qp.view(-1, 1) - self.window)
+                        & (kpos.view(1, -1) >= 0)).unsqueeze(0)  # [1,Q,K]
+            same_doc = None
+            if doc_ids_BS is not None:
+                qdoc = doc_ids_BS[:, c0:c1]
+                win_mask = win_mask & (doc_ids_BS[:, lo:c1].unsqueeze(1) == qdoc.unsqueeze(2))
+                if entry_doc is not None:
+                    same_doc = entry_doc.unsqueeze(1) == qdoc.unsqueeze(2)  # [B,Q,T]
             ctx = None
             if comp is not None:
                 if self.layer_type == CSA and not self.dense_csa:
                     scores = self.compressor.indexer.scores(iq[:, c0:c1], iw[:, c0:c1], sel)
-                    idx, valid = self.compressor.indexer.select(scores, qp)
+                    idx, valid = self.compressor.indexer.select(scores, qp, same_doc)
                     ctx = ("sparse", comp, idx, valid)
                 else:
-                    ctx = ("dense", comp, (qp + 1) // self.rate)
+                    limit = (qp + 1) // self.rate
+                    T = min(comp.shape[1], int(limit.max().item()))
+                    vis = (torch.arange(T, device=dev).view(1, -1) < limit.view(-1, 1)).unsqueeze(0)
+                    if same_doc is not None:
+                        vis = vis & same_doc[..., :T]
+                    ctx = ("dense", comp[:, :T], vis)
             out[:, c0:c1] = self._attend(q[:, c0:c1], keys, win_mask, ctx)
 
         if state is not None:
@@ -306,37 +346,38 @@ class Attention(nn.Module):
         proj = torch.einsum("bsgi,goi->bsgo", grouped, w).flatten(2)
         return self.o_b_proj(proj)
 
-    def _attend(self, q_BQHD, win_BKD, win_mask_QK, ctx) -> torch.Tensor:
-        """Joint softmax over window keys, compressed entries and the sink -> ``[B,Q,H,D]``."""
+    def _attend(self, q_BQHD, win_BKD, win_mask, ctx) -> torch.Tensor:
+        """Joint softmax over window keys, compressed entries and the sink -> ``[B,Q,H,D]``.
+
+        ``win_mask`` ``[1 or B, Q, K]``; ``ctx`` is None, ``("sparse", comp [B,T,D],
+        idx [B,Q,K'], valid [B,Q,K'])`` (gather the selected entries only) or
+        ``("dense", comp [B,T,D], visible [1 or B,Q,T])``.
+        """
         B, Q, H, D = q_BQHD.shape
         scale = D ** -0.5
         qf = q_BQHD.reshape(B, Q * H, D)
         lw = torch.bmm(qf, win_BKD.transpose(1, 2)).view(B, Q, H, -1) * scale
-        lw = lw.masked_fill(~win_mask_QK.view(1, Q, 1, -1), float("-inf"))
+        lw = lw.masked_fill(~win_mask.unsqueeze(2), float("-inf"))
         parts = [lw]
+        values = None
         if ctx is not None and ctx[0] == "sparse":
             _, comp, idx, valid = ctx
-            K = idx.shape[-1]
             # Gather only the selected entries (row-offset indexing keeps the backward O(T*D)).
             offs = (torch.arange(B, device=idx.device) * comp.shape[1]).view(B, 1, 1)
-            gathered = comp.reshape(-1, D)[idx + offs]  # [B,Q,K,D]
-            lc = torch.matmul(q_BQHD, gathered.transpose(-1, -2)) * scale  # [B,Q,H,K]
-            lc = lc.masked_fill(~valid.unsqueeze(2), float("-inf"))
-            parts.append(lc)
+            values = comp.reshape(-1, D)[idx + offs]  # [B,Q,K,D]
+            lc = torch.matmul(q_BQHD, values.transpose(-1, -2)) * scale  # [B,Q,H,K]
+            parts.append(lc.masked_fill(~valid.unsqueeze(2), float("-inf")))
         elif ctx is not None:
-            _, comp, limit_Q = ctx
-            T = min(comp.shape[1], int(limit_Q.max().item()) if Q else 0)
-            comp = comp[:, :T]
-            lc = torch.bmm(qf, comp.transpose(1, 2)).view(B, Q, H, T) * scale
-            vis = torch.arange(T, device=comp.device).view(1, -1) < limit_Q.view(-1, 1)
-            lc = lc.masked_fill(~vis.view(1, Q, 1, T), float("-inf"))
-            parts.append(lc)
+            _, values, vis = ctx
+            T = values.shape[1]
+            lc = torch.bmm(qf, values.transpose(1, 2)).view(B, Q, H, T) * scale
+            parts.append(lc.masked_fill(~vis.unsqueeze(2), float("-inf")))
         sink = self.sinks.to(lw.dtype).view(1, 1, H, 1).expand(B, Q, H, 1)
         probs = torch.softmax(torch.cat(parts + [sink], dim=-1), dim=-1)
         kw = lw.shape[-1]
         o = torch.bmm(probs[..., :kw].reshape(B, Q * H, kw), win_BKD).view(B, Q, H, D)
         if ctx is not None and ctx[0] == "sparse":
-            o = o + torch.matmul(probs[..., kw:kw + K], gathered)
+            o = o + torch.matmul(probs[..., kw:-1], values)
         elif ctx is not None:
-            o = o + torch.bmm(probs[..., kw:kw + T].reshape(B, Q * H, T), comp).view(B, Q, H, D)
+            o = o + torch.bmm(probs[..., kw:-1].reshape(B, Q * H, -1), values).view(B, Q, H, D)
         return o

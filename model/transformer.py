@@ -39,9 +39,9 @@ class Block(nn.Module):
         self.ffn_hc = HyperConnection(**hc)
 
     def forward(self, streams_BSNE: torch.Tensor, input_ids: torch.Tensor | None, pos0: int = 0,
-                state=None) -> torch.Tensor:
+                state=None, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         post, comb, x = self.attn_hc(streams_BSNE)
-        a = self.self_attn(self.input_layernorm(x), pos0, state)
+        a = self.self_attn(self.input_layernorm(x), pos0, state, doc_ids)
         streams_BSNE = HyperConnection.merge(streams_BSNE, a, post, comb)
         post, comb, x = self.ffn_hc(streams_BSNE)
         m = self.mlp(self.post_attention_layernorm(x), input_ids)
@@ -72,11 +72,11 @@ class MTPBlock(nn.Module):
         self.norm = RMSNorm(E, args.rms_norm_eps)
 
     def forward(self, hidden_BSE: torch.Tensor, next_emb_BSE: torch.Tensor, next_ids: torch.Tensor,
-                pos0: int = 0, state=None) -> torch.Tensor:
+                pos0: int = 0, state=None, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Returns the normalised MTP hidden ``[B,S,E]`` (apply the LM head for logits)."""
         x = self.eh_proj(torch.cat([self.enorm(next_emb_BSE), self.hnorm(hidden_BSE)], dim=-1))
         streams = x.unsqueeze(2).expand(-1, -1, self.hc_mult, -1).contiguous()
-        streams = self.block(streams, next_ids, pos0, state)
+        streams = self.block(streams, next_ids, pos0, state, doc_ids)
         return self.norm(self.hc_head(streams))
 
 
@@ -113,8 +113,13 @@ class Transformer(nn.Module):
         return st
 
     # ---------------------------------------------------------------- forward
-    def forward_hidden(self, input_ids: torch.Tensor, state: ModelState | None = None) -> torch.Tensor:
-        """Hidden states after the hyper-head, before the final norm: ``[B,S,E]``."""
+    def forward_hidden(self, input_ids: torch.Tensor, state: ModelState | None = None,
+                       doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Hidden states after the hyper-head, before the final norm: ``[B,S,E]``.
+
+        ``doc_ids [B,S]`` (optional, training): non-decreasing document ids of packed
+        sequences; tokens attend only within their document (sample-level masking).
+        """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
         if input_ids.dtype not in (torch.int64, torch.int32):
@@ -128,29 +133,37 @@ class Transformer(nn.Module):
         if state is not None and state.layers and state.layers[0].window.shape[0] != input_ids.shape[0]:
             raise ValueError(f"state was created for batch {state.layers[0].window.shape[0]}, input_ids has "
                              f"batch {input_ids.shape[0]}")
+        if doc_ids is not None:
+            if doc_ids.shape != input_ids.shape:
+                raise ValueError(f"doc_ids shape {tuple(doc_ids.shape)} must equal input_ids shape "
+                                 f"{tuple(input_ids.shape)}")
+            if input_ids.shape[1] > 1 and bool((doc_ids[:, 1:] < doc_ids[:, :-1]).any()):
+                raise ValueError("doc_ids must be non-decreasing along the sequence (one id per packed document)")
         pos0 = state.pos if state is not None else 0
         x = self.embed_tokens(input_ids)
         streams = x.unsqueeze(2).expand(-1, -1, self.args.hc_mult, -1).contiguous()
         for i, layer in enumerate(self.layers):
-            streams = layer(streams, input_ids, pos0, state.layers[i] if state is not None else None)
+            streams = layer(streams, input_ids, pos0, state.layers[i] if state is not None else None, doc_ids)
         if state is not None:
             state.pos += input_ids.shape[1]
         return self.hc_head(streams)
 
     def forward(self, input_ids: torch.Tensor, state: ModelState | None = None,
-                logits_to_keep: int = 0) -> torch.Tensor:
+                logits_to_keep: int = 0, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Logits ``[B, S, V]`` (or ``[B, logits_to_keep, V]`` for the last positions)."""
-        h = self.forward_hidden(input_ids, state)
+        h = self.forward_hidden(input_ids, state, doc_ids)
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
         return self.lm_head(self.norm(h))
 
-    def mtp_logits(self, hidden_BSE: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    def mtp_logits(self, hidden_BSE: torch.Tensor, input_ids: torch.Tensor,
+                   doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         """MTP logits ``[B, S-1, V]``: row i predicts token ``i+2`` from ``h_i`` and token ``i+1``."""
         if not len(self.mtp):
             raise ValueError("this model has num_nextn_predict_layers = 0 (no MTP module)")
         nxt = input_ids[:, 1:]
-        h = self.mtp[0](hidden_BSE[:, :-1], self.embed_tokens(nxt), nxt)
+        docs = doc_ids[:, :-1] if doc_ids is not None else None
+        h = self.mtp[0](hidden_BSE[:, :-1], self.embed_tokens(nxt), nxt, doc_ids=docs)
         return self.lm_head(h)
 
     # -------------------------------------------------------------- inference

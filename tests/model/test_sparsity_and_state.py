@@ -33,8 +33,8 @@ def _poisoned_decode(model: Transformer, monkeypatch) -> tuple[torch.Tensor, tor
     picked: list[torch.Tensor] = []
     real_select = attention_mod.Indexer.select
 
-    def recording_select(self, scores, q_pos):
-        idx, valid = real_select(self, scores, q_pos)
+    def recording_select(self, scores, q_pos, allowed=None):
+        idx, valid = real_select(self, scores, q_pos, allowed)
         picked.append(idx[valid])
         return idx, valid
 
@@ -71,13 +71,13 @@ def _attend_flops(n_entries: int, sparse: bool) -> int:
     B, Q, H, D, K, W = 1, 16, attn.n_heads, attn.head_dim, 8, attn.window
     q = torch.randn(B, Q, H, D)
     win = torch.randn(B, W + Q, D)
-    mask = torch.ones(Q, W + Q, dtype=torch.bool)
+    mask = torch.ones(1, Q, W + Q, dtype=torch.bool)
     comp = torch.randn(B, n_entries, D)
     if sparse:
         idx = torch.randint(0, n_entries, (B, Q, K))
         ctx = ("sparse", comp, idx, torch.ones(B, Q, K, dtype=torch.bool))
     else:
-        ctx = ("dense", comp, torch.full((Q,), n_entries))
+        ctx = ("dense", comp, torch.ones(1, Q, n_entries, dtype=torch.bool))
     with FlopCounterMode(display=False) as fc:
         attn._attend(q, win, mask, ctx)
     return fc.get_total_flops()
