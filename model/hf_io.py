@@ -16,12 +16,13 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import warnings
 import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .config import ModelArgs
@@ -109,8 +110,11 @@ def _merge_experts(loaded: dict[str, torch.Tensor], n_experts: int, source: str)
 
 def _checkpoint_files(path: Path) -> list[Path]:
     if (path / INDEX_NAME).is_file():
-        index = json.loads((path / INDEX_NAME).read_text())
-        if "weight_map" not in index:
+        try:
+            index = json.loads((path / INDEX_NAME).read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path / INDEX_NAME}: invalid JSON: {e}") from None
+        if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
             raise ValueError(f"{path / INDEX_NAME}: missing 'weight_map'")
         return [path / f for f in sorted(set(index["weight_map"].values()))]
     if (path / SINGLE_NAME).is_file():
@@ -138,8 +142,10 @@ def load_hf(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, devi
         raise ValueError(f"{p}: not a checkpoint directory (no config.json)")
     try:
         cfg = json.loads((p / "config.json").read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{p / 'config.json'}: invalid JSON: {e}") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{p / 'config.json'}: expected a JSON object, got {type(cfg).__name__}")
     if cfg.get("model_type", "deepseek_v4") != "deepseek_v4":
         raise ValueError(f"{p}: model_type is {cfg.get('model_type')!r}, expected 'deepseek_v4'")
     args = ModelArgs.from_hf_config(cfg)
@@ -151,9 +157,12 @@ def load_hf(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, devi
     for f in _checkpoint_files(p):
         if not f.is_file():
             raise ValueError(f"{p}: shard {f.name} listed in the index is missing")
-        with safe_open(str(f), framework="pt", device=str(device)) as sf:
-            for key in sf.keys():
-                raw[from_hf_name(key)] = sf.get_tensor(key)
+        try:
+            with safe_open(str(f), framework="pt", device=str(device)) as sf:
+                for key in sf.keys():
+                    raw[from_hf_name(key)] = sf.get_tensor(key)
+        except SafetensorError as e:
+            raise ValueError(f"{f}: not a readable safetensors file (truncated or corrupt?): {e}") from None
     _merge_experts(raw, args.n_routed_experts, str(p))
     loaded: dict[str, torch.Tensor] = {}
     ignored_mtp = []
@@ -180,17 +189,40 @@ def load_hf(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, devi
     return model
 
 
+_OWN_FILES = re.compile(r"^(config\.json|model\.safetensors|model\.safetensors\.index\.json|"
+                        r"model-\d{5}-of-\d{5}\.safetensors)$")
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def save_hf(model: Transformer, path: str | os.PathLike, *, max_shard_bytes: int | None = None,
             dtype: torch.dtype | None = None) -> Path:
     """Write ``model`` as an HF-format directory that ``DeepseekV4ForCausalLM.from_pretrained`` loads.
 
-    Files are written to a temporary name and renamed into place, so an
-    interrupted save never leaves a half-written ``model.safetensors``.
-    ``max_shard_bytes`` splits the weights into ``model-0000i-of-0000n.safetensors``
-    shards plus ``model.safetensors.index.json``.
+    The whole directory is written next to ``path`` under a temporary name, synced,
+    then swapped in by rename: an interrupted save leaves the previous checkpoint
+    intact and never a mix of old and new shards. Files other than the weights,
+    index and config already in ``path`` (tokenizer, chat template...) are carried
+    over. ``max_shard_bytes`` splits the weights into
+    ``model-0000i-of-0000n.safetensors`` shards plus ``model.safetensors.index.json``.
+
+    Raises:
+        ValueError: ``path`` exists but is a file, or a non-empty directory that is
+            not a checkpoint (no ``config.json``) -- it is never replaced.
     """
     out = Path(path)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not (out / "config.json").is_file():
+        raise ValueError(f"{out} is a non-empty directory without config.json; refusing to replace it "
+                         "with a checkpoint (choose an empty or new directory)")
+    out.parent.mkdir(parents=True, exist_ok=True)
     cfg = model.args.to_hf_config()
     cfg.architectures = ["DeepseekV4ForCausalLM"]
     dt = dtype or next(model.parameters()).dtype
@@ -208,31 +240,40 @@ def save_hf(model: Transformer, path: str | os.PathLike, *, max_shard_bytes: int
         shards[-1][k] = v
         size += nb
 
-    def _atomic(write, name: str) -> None:
-        fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            write(tmp)
-            os.replace(tmp, out / name)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-
-    meta = {"format": "pt"}
-    if len(shards) == 1:
-        _atomic(lambda t: save_file(shards[0], t, metadata=meta), SINGLE_NAME)
-        stale = out / INDEX_NAME
-        if stale.exists():
-            stale.unlink()
-    else:
-        n = len(shards)
-        weight_map = {}
-        for i, sh in enumerate(shards):
-            name = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            _atomic(lambda t, sh=sh: save_file(sh, t, metadata=meta), name)
-            weight_map.update({k: name for k in sh})
-        total = sum(v.numel() * v.element_size() for v in tensors.values())
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        _atomic(lambda t: Path(t).write_text(json.dumps(index, indent=2)), INDEX_NAME)
-    _atomic(lambda t: Path(t).write_text(cfg.to_json_string()), "config.json")
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        meta = {"format": "pt"}
+        if len(shards) == 1:
+            save_file(shards[0], tmp / SINGLE_NAME, metadata=meta)
+        else:
+            n = len(shards)
+            weight_map = {}
+            for i, sh in enumerate(shards):
+                name = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+                save_file(sh, tmp / name, metadata=meta)
+                weight_map.update({k: name for k in sh})
+            total = sum(v.numel() * v.element_size() for v in tensors.values())
+            (tmp / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total},
+                                                      "weight_map": weight_map}, indent=2))
+        (tmp / "config.json").write_text(cfg.to_json_string())
+        if out.is_dir():
+            for f in out.iterdir():
+                if f.is_file() and not _OWN_FILES.match(f.name):
+                    shutil.copy2(f, tmp / f.name)
+        for f in tmp.iterdir():
+            os.chmod(f, 0o644)
+            _fsync(f)
+        os.chmod(tmp, 0o755)
+        _fsync(tmp)
+        if out.exists():
+            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
+            os.replace(out, old / "ckpt")
+            os.replace(tmp, out)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out)
+        _fsync(out.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return out

@@ -120,8 +120,12 @@ class Transformer(nn.Module):
         ``doc_ids [B,S]`` (optional, training): non-decreasing document ids of packed
         sequences; tokens attend only within their document (sample-level masking).
         """
+        if not isinstance(input_ids, torch.Tensor):
+            raise ValueError(f"input_ids must be a torch.LongTensor [batch, seq], got {type(input_ids).__name__}")
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+        if input_ids.shape[0] == 0:
+            raise ValueError("input_ids has batch size 0")
         if input_ids.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"input_ids must be int64 (or int32) token ids, got {input_ids.dtype}")
         if input_ids.shape[1] == 0:
@@ -140,6 +144,9 @@ class Transformer(nn.Module):
             if input_ids.shape[1] > 1 and bool((doc_ids[:, 1:] < doc_ids[:, :-1]).any()):
                 raise ValueError("doc_ids must be non-decreasing along the sequence (one id per packed document)")
         pos0 = state.pos if state is not None else 0
+        if pos0 + input_ids.shape[1] > self.args.max_position_embeddings:
+            raise ValueError(f"sequence reaches position {pos0 + input_ids.shape[1]}, beyond "
+                             f"max_position_embeddings = {self.args.max_position_embeddings}")
         x = self.embed_tokens(input_ids)
         streams = x.unsqueeze(2).expand(-1, -1, self.args.hc_mult, -1).contiguous()
         for i, layer in enumerate(self.layers):
@@ -188,6 +195,10 @@ class Transformer(nn.Module):
         """Greedy (``temperature=0``) or sampled continuation: returns ``[B, S + new]`` int64."""
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if not temperature >= 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+            raise ValueError("input_ids must be a torch.LongTensor [batch, seq]")
         state = self.new_state(input_ids.shape[0])
         logits = self.prefill(input_ids, state, chunk_size)
         out = [input_ids]

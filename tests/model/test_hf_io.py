@@ -87,13 +87,57 @@ def test_bad_checkpoints_raise_clear_errors(pair, tmp_path):
         load_hf(variant("badjson", weights, "{not json"))
 
 
-def test_save_is_atomic_and_overwrites_cleanly(pair, tmp_path):
+def test_save_replaces_whole_directory_atomically(pair, tmp_path, monkeypatch):
+    import model.hf_io as hf_io
+
     _, ours = pair
-    save_hf(ours, tmp_path, max_shard_bytes=30_000)
-    save_hf(ours, tmp_path)  # now unsharded: the stale index must go, shards are ignored
-    assert not (tmp_path / "model.safetensors.index.json").exists()
-    assert not list(tmp_path.glob(".*.tmp"))
-    load_hf(tmp_path, strict_mtp=True)
+    ckpt = tmp_path / "ckpt"
+    save_hf(ours, ckpt, max_shard_bytes=30_000)
+    (ckpt / "tokenizer.json").write_text("{}")  # user files beside the weights survive re-saves
+    n_shards = len(list(ckpt.glob("model-*.safetensors")))
+    assert n_shards > 2
+    save_hf(ours, ckpt)  # now unsharded: no stale shards or index may remain
+    assert sorted(f.name for f in ckpt.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
+    assert all((f.stat().st_mode & 0o777) == 0o644 for f in ckpt.iterdir())
+
+    # a save that dies half way leaves the previous checkpoint untouched and no debris
+    before = {f.name: f.read_bytes() for f in ckpt.iterdir()}
+    calls = {"n": 0}
+    real_save_file = hf_io.save_file
+
+    def dying_save_file(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("killed")
+        return real_save_file(*a, **k)
+
+    monkeypatch.setattr(hf_io, "save_file", dying_save_file)
+    other = type(ours)(ours.args)
+    with pytest.raises(KeyboardInterrupt):
+        save_hf(other, ckpt, max_shard_bytes=30_000)
+    assert {f.name: f.read_bytes() for f in ckpt.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    load_hf(ckpt, strict_mtp=True)
+
+
+def test_save_refuses_to_replace_a_non_checkpoint_directory(pair, tmp_path):
+    _, ours = pair
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="refusing"):
+        save_hf(ours, tmp_path)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_corrupt_files_are_clear_errors(pair, tmp_path):
+    _, ours = pair
+    save_hf(ours, tmp_path / "c")
+    f = tmp_path / "c" / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:100])
+    with pytest.raises(ValueError, match="not a readable safetensors"):
+        load_hf(tmp_path / "c")
+    (tmp_path / "c" / "config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="JSON object"):
+        load_hf(tmp_path / "c")
 
 
 def test_loads_deepseek_hub_naming(pair, tmp_path):

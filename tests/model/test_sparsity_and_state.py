@@ -131,6 +131,16 @@ def test_bad_inputs():
         m(torch.zeros(1, 0, dtype=torch.long))
     with pytest.raises(ValueError, match="batch 2"):
         m(torch.zeros(1, 3, dtype=torch.long), m.new_state(2))
+    with pytest.raises(ValueError, match="batch size 0"):
+        m(torch.zeros(0, 5, dtype=torch.long))
+    with pytest.raises(ValueError, match="LongTensor"):
+        m([[1, 2, 3]])
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        m(torch.zeros(1, m.args.max_position_embeddings + 1, dtype=torch.long))
+    with pytest.raises(ValueError, match="LongTensor"):
+        m.generate(torch.zeros(5, dtype=torch.long), 3)
+    with pytest.raises(ValueError, match="temperature"):
+        m.generate(torch.zeros(1, 5, dtype=torch.long), 3, temperature=-1.0)
     with pytest.raises(ValueError, match="chunk_size"):
         m.prefill(torch.zeros(1, 3, dtype=torch.long), m.new_state(1), chunk_size=0)
 
