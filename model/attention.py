@@ -228,6 +228,12 @@ class Attention(nn.Module):
             self.compressor.indexer = Indexer(args)
         # Dense mode (training curriculum): CSA attends to every visible entry instead of the top-k.
         self.dense_csa = False
+        # Indexer training (curriculum "indexer_warmup" / "sparse"): accumulate the KL divergence
+        # between the main attention's distribution over compressed entries (teacher, detached)
+        # and the indexer's softmax over the same entries; the indexer's input is detached.
+        self.indexer_kl = False
+        self.kl_sum: torch.Tensor | None = None
+        self.kl_rows = 0
 
     # ------------------------------------------------------------------ state
     def new_state(self, batch: int, dtype: torch.dtype, device) -> LayerState:
@@ -281,18 +287,19 @@ class Attention(nn.Module):
                 comp = cstate.comp.data
             else:
                 comp = new
-            if self.layer_type == CSA and not self.dense_csa:
+            if self.layer_type == CSA and (not self.dense_csa or self.indexer_kl):
                 ix = self.compressor.indexer
                 istate = state.indexer if state is not None else None
                 istart = istate.comp.n if istate is not None else 0
-                inew = ix.compress(x_BSE, self.rotary, istate, istart, doc_ids_BS)
+                x_ix, cq_ix = (x_BSE.detach(), cq.detach()) if self.indexer_kl else (x_BSE, cq)
+                inew = ix.compress(x_ix, self.rotary, istate, istart, doc_ids_BS)
                 if istate is not None:
                     istate.comp.append(inew)
                     ikeys = istate.comp.data
                 else:
                     ikeys = inew
                 icos, isin = self.rotary.cos_sin(q_pos, "compress")
-                iq, iw = ix.queries(x_BSE, cq, icos, isin)
+                iq, iw = ix.queries(x_ix, cq_ix, icos, isin)
                 sel = ikeys
 
         entry_doc = None
@@ -321,9 +328,11 @@ class Attention(nn.Module):
                 if entry_doc is not None:
                     same_doc = entry_doc.unsqueeze(1) == qdoc.unsqueeze(2)  # [B,Q,T]
             ctx = None
+            scores = None
+            if sel is not None:
+                scores = self.compressor.indexer.scores(iq[:, c0:c1], iw[:, c0:c1], sel)
             if comp is not None:
                 if self.layer_type == CSA and not self.dense_csa:
-                    scores = self.compressor.indexer.scores(iq[:, c0:c1], iw[:, c0:c1], sel)
                     idx, valid = self.compressor.indexer.select(scores, qp, same_doc)
                     ctx = ("sparse", comp, idx, valid)
                 else:
@@ -333,7 +342,10 @@ class Attention(nn.Module):
                     if same_doc is not None:
                         vis = vis & same_doc[..., :T]
                     ctx = ("dense", comp[:, :T], vis)
-            out[:, c0:c1] = self._attend(q[:, c0:c1], keys, win_mask, ctx)
+            o, p_comp = self._attend(q[:, c0:c1], keys, win_mask, ctx)
+            out[:, c0:c1] = o
+            if self.indexer_kl and scores is not None and ctx is not None:
+                self._accumulate_kl(p_comp, scores, ctx)
 
         if state is not None:
             n_keep = min(S, self.window)
@@ -346,12 +358,41 @@ class Attention(nn.Module):
         proj = torch.einsum("bsgi,goi->bsgo", grouped, w).flatten(2)
         return self.o_b_proj(proj)
 
-    def _attend(self, q_BQHD, win_BKD, win_mask, ctx) -> torch.Tensor:
-        """Joint softmax over window keys, compressed entries and the sink -> ``[B,Q,H,D]``.
+    def _accumulate_kl(self, p_comp_BQHT: torch.Tensor, scores_BQT: torch.Tensor, ctx) -> None:
+        """KL(teacher || indexer) over the compressed entries of one query chunk.
+
+        Teacher: CSA's joint softmax (window + compressed + sink) restricted to the
+        compressed entries, summed over heads and L1-normalised (DeepSeek-V3.2 eq. 3),
+        detached. Student: softmax of the index scores over the same entries -- all
+        visible ones in dense mode (indexer warm-up), the top-k in sparse mode.
+        """
+        teacher = p_comp_BQHT.detach().float().sum(2)  # [B,Q,T']
+        if ctx[0] == "sparse":
+            _, _, idx, mask = ctx
+            logits = torch.gather(scores_BQT, -1, idx)
+        else:
+            _, values, mask = ctx
+            logits = scores_BQT[..., : values.shape[1]]
+            mask = mask.expand(teacher.shape)
+        mass = teacher.sum(-1, keepdim=True)
+        rows = (mass.squeeze(-1) > 0) & mask.any(-1)
+        if not bool(rows.any()):
+            return
+        target = teacher / mass.clamp(min=1e-30)
+        logq = torch.log_softmax(logits.masked_fill(~mask, float("-inf")), dim=-1)
+        terms = torch.where(target > 0, target * (torch.log(target.clamp(min=1e-30)) - logq),
+                            torch.zeros_like(target))
+        kl = terms.sum(-1)[rows].sum()
+        self.kl_sum = kl if self.kl_sum is None else self.kl_sum + kl
+        self.kl_rows += int(rows.sum())
+
+    def _attend(self, q_BQHD, win_BKD, win_mask, ctx):
+        """Joint softmax over window keys, compressed entries and the sink.
 
         ``win_mask`` ``[1 or B, Q, K]``; ``ctx`` is None, ``("sparse", comp [B,T,D],
         idx [B,Q,K'], valid [B,Q,K'])`` (gather the selected entries only) or
         ``("dense", comp [B,T,D], visible [1 or B,Q,T])``.
+        Returns ``(out [B,Q,H,D], probs over the compressed entries [B,Q,H,T'] or None)``.
         """
         B, Q, H, D = q_BQHD.shape
         scale = D ** -0.5
@@ -376,8 +417,11 @@ class Attention(nn.Module):
         probs = torch.softmax(torch.cat(parts + [sink], dim=-1), dim=-1)
         kw = lw.shape[-1]
         o = torch.bmm(probs[..., :kw].reshape(B, Q * H, kw), win_BKD).view(B, Q, H, D)
-        if ctx is not None and ctx[0] == "sparse":
-            o = o + torch.matmul(probs[..., kw:-1], values)
-        elif ctx is not None:
-            o = o + torch.bmm(probs[..., kw:-1].reshape(B, Q * H, -1), values).view(B, Q, H, D)
-        return o
+        p_comp = None
+        if ctx is not None:
+            p_comp = probs[..., kw:-1]
+            if ctx[0] == "sparse":
+                o = o + torch.matmul(p_comp, values)
+            else:
+                o = o + torch.bmm(p_comp.reshape(B, Q * H, -1), values).view(B, Q, H, D)
+        return o, p_comp

@@ -94,6 +94,9 @@ class Muon(torch.optim.Optimizer):
                 loss = closure()
         for g in self.param_groups:
             lr, mu, wd, rms = g["lr"], g["momentum"], g["weight_decay"], g["update_rms"]
+            # Momentum + Nesterov per parameter, then one batched Newton-Schulz per matrix
+            # shape (stacked experts and same-shaped projections of all layers together).
+            by_shape: dict[tuple[int, int], list[tuple[torch.Tensor, torch.Tensor]]] = {}
             for p in g["params"]:
                 if p.grad is None:
                     continue
@@ -103,11 +106,16 @@ class Muon(torch.optim.Optimizer):
                 buf = st["momentum_buffer"]
                 grad = p.grad.float()
                 buf.mul_(mu).add_(grad)
-                update = grad.add(buf, alpha=mu)
-                O = newton_schulz(update, g["ns_steps"])
-                O = O * (math.sqrt(max(p.shape[-2], p.shape[-1])) * rms)
-                p.mul_(1 - lr * wd)
-                p.add_(O.to(p.dtype), alpha=-lr)
+                by_shape.setdefault(tuple(p.shape[-2:]), []).append((p, grad.add(buf, alpha=mu)))
+            for (n, m), items in by_shape.items():
+                stacked = torch.cat([u.reshape(-1, n, m) for _, u in items])
+                O = newton_schulz(stacked, g["ns_steps"]) * (math.sqrt(max(n, m)) * rms)
+                start = 0
+                for p, u in items:
+                    k = u.numel() // (n * m)
+                    p.mul_(1 - lr * wd)
+                    p.add_(O[start:start + k].view_as(p).to(p.dtype), alpha=-lr)
+                    start += k
         return loss
 
 

@@ -79,7 +79,7 @@ def _attend_flops(n_entries: int, sparse: bool) -> int:
     else:
         ctx = ("dense", comp, torch.ones(1, Q, n_entries, dtype=torch.bool))
     with FlopCounterMode(display=False) as fc:
-        attn._attend(q, win, mask, ctx)
+        attn._attend(q, win, mask, ctx)[0]
     return fc.get_total_flops()
 
 
