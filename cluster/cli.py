@@ -26,13 +26,15 @@ from pathlib import Path
 from typing import Any
 
 from model.cache_bytes import LAYOUTS, cache_bytes
-from model.config import CSA, FLAVORS, HCA, SWA, ModelArgs
+from model.config import ACCOUNTING_ONLY_FLAVORS, CSA, FLAVORS, HCA, SWA, ModelArgs
 
 EXIT_USAGE = 2
 BYTE_VOCAB = 256
 # Standard-library modules whose source is the demo's default text: real, always
 # present, and readable without network or data downloads.
 DEMO_TEXT_MODULES = ("json.decoder", "json.encoder", "textwrap", "string", "heapq", "bisect", "shlex")
+# Flavors small enough to build and run on a CPU (the others are for accounting only).
+DEMO_FLAVORS = tuple(f for f in FLAVORS if f not in ACCOUNTING_ONLY_FLAVORS)
 
 
 class CLIError(ValueError):
@@ -102,6 +104,65 @@ def byte_tokens(data: bytes, vocab_size: int):
     return torch.tensor(list(data), dtype=torch.long).unsqueeze(0)
 
 
+def continuation_text(ids: list[int]) -> tuple[str, int]:
+    """Generated token ids as text: runs of byte ids (< 256) decoded as UTF-8 (invalid
+    sequences replaced), other ids shown as ``<id>``.
+
+    Returns:
+        ``(text, n_non_byte)``: the text and how many ids were not bytes.
+    """
+    parts: list[str] = []
+    run: list[int] = []
+    n_non_byte = 0
+    for t in ids:
+        if t < BYTE_VOCAB:
+            run.append(t)
+            continue
+        parts.append(bytes(run).decode("utf-8", "replace"))
+        run = []
+        parts.append(f"<{t}>")
+        n_non_byte += 1
+    parts.append(bytes(run).decode("utf-8", "replace"))
+    return "".join(parts), n_non_byte
+
+
+def timed_greedy(model, input_ids, new_tokens: int) -> tuple[float, float, list[int]]:
+    """Time a chunked prefill and ``new_tokens`` greedy decode steps, separately.
+
+    A short warm-up (prefill of a few tokens and one decode step on a throwaway
+    state) runs first, so that neither timing includes one-off start-up costs.
+    Then ``model.prefill(input_ids, state)`` on a fresh ``state``, then
+    ``new_tokens`` decode steps ``model(next_ids, state)``: each feeds the newest
+    greedy token into the state and yields the next one (the first comes from the
+    prefill's logits; the last step's logits are unused, as in ``generate``).
+
+    Returns:
+        ``(prefill_s, decode_s, new_ids)``: seconds for the prefill, seconds for
+        all decode steps, and the ``new_tokens`` greedy token ids.
+    """
+    import torch
+
+    with torch.inference_mode():
+        warm = input_ids[:, :min(input_ids.shape[1], 16)]
+        warm_state = model.new_state(1)
+        model.prefill(warm[:, :-1] if warm.shape[1] > 1 else warm, warm_state)
+        model(warm[:, -1:], warm_state)
+
+        state = model.new_state(1)
+        t0 = time.perf_counter()
+        logits = model.prefill(input_ids, state)
+        prefill_s = time.perf_counter() - t0
+
+        new: list[int] = []
+        nxt = logits.argmax(dim=-1, keepdim=True)
+        t0 = time.perf_counter()
+        for _ in range(new_tokens):
+            new.append(int(nxt[0, 0]))
+            nxt = model(nxt, state)[:, -1].argmax(dim=-1, keepdim=True)
+        decode_s = time.perf_counter() - t0
+    return prefill_s, decode_s, new
+
+
 # ------------------------------------------------------------------- commands
 def _git_sha() -> str:
     try:
@@ -147,6 +208,11 @@ def cmd_demo(ns: argparse.Namespace) -> int:
     from model import Transformer
 
     console = Console()
+    if ns.flavor in ACCOUNTING_ONLY_FLAVORS:
+        raise CLIError(f"flavor {ns.flavor!r} is for accounting only (tide cache-bytes, tide config show): "
+                       f"too large to build here; demo runs {', '.join(DEMO_FLAVORS)}")
+    if ns.flavor not in DEMO_FLAVORS:
+        raise CLIError(f"unknown flavor {ns.flavor!r}; demo runs {', '.join(DEMO_FLAVORS)}")
     if ns.new_tokens < 0:
         raise CLIError(f"--new-tokens must be >= 0, got {ns.new_tokens}")
     args = ModelArgs.flavor(ns.flavor)
@@ -163,19 +229,12 @@ def cmd_demo(ns: argparse.Namespace) -> int:
     params = model.num_params()
 
     with torch.inference_mode():
-        with console.status(f"prefill: forward over {seq} tokens"):
-            t0 = time.perf_counter()
+        with console.status(f"loss: forward over {seq} tokens"):
             logits = model(input_ids)
-            prefill_s = time.perf_counter() - t0
         loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
                                input_ids[:, 1:].reshape(-1)).item()
-        with console.status(f"greedy decoding {ns.new_tokens} tokens"):
-            t0 = time.perf_counter()
-            out = model.generate(input_ids, max_new_tokens=ns.new_tokens)
-            generate_s = time.perf_counter() - t0
-    new = out[0, seq:].tolist()
-    # generate() runs its own prefill; the rest of its time is the decode steps.
-    decode_ms = max(generate_s - prefill_s, 0.0) * 1e3 / max(len(new), 1)
+    with console.status(f"timing prefill of {seq} tokens and {ns.new_tokens} greedy decode steps"):
+        prefill_s, decode_s, new = timed_greedy(model, input_ids, ns.new_tokens)
 
     dtype = next(model.parameters()).dtype
     layout = "bf16" if dtype == torch.bfloat16 else "fp32"
@@ -192,11 +251,14 @@ def cmd_demo(ns: argparse.Namespace) -> int:
     table.add_row("params total / active", f"{params['total']:,} / {params['active']:,}")
     table.add_row("loss (nats/byte)", f"{loss:.4f}  (uniform over {args.vocab_size}: {math.log(args.vocab_size):.4f})")
     table.add_row("prefill", f"{prefill_s * 1e3:.1f} ms ({seq} tokens)")
-    table.add_row("decode", f"{decode_ms:.2f} ms/token ({len(new)} tokens, greedy)")
+    decode = f"{decode_s * 1e3 / len(new):.2f} ms/token ({len(new)} steps, greedy)" if new else "- (0 steps)"
+    table.add_row("decode", decode)
     table.add_row("decode state", f"{_fmt_bytes(cache['total_bytes'])} ({layout}), "
                                   f"{_fmt_bytes(cache_paper['total_bytes'])} (paper FP8/BF16) "
                                   f"at {seq + len(new)} tokens")
-    table.add_row("continuation", repr(bytes(b for b in new if b < BYTE_VOCAB).decode("utf-8", "replace")))
+    text, n_non_byte = continuation_text(new)
+    note = f"  ({n_non_byte} ids >= {BYTE_VOCAB} are not bytes, shown as <id>)" if n_non_byte else ""
+    table.add_row("continuation", repr(text) + note)
     table.add_section()
     table.add_row("run", f"torch {torch.__version__}, device cpu, seed {ns.seed}, git {_git_sha()}")
     console.print(table)
@@ -205,8 +267,12 @@ def cmd_demo(ns: argparse.Namespace) -> int:
 
 def cmd_cache_bytes(ns: argparse.Namespace) -> int:
     """``tide cache-bytes``: print :func:`model.cache_bytes.cache_bytes` as JSON."""
+    args = ModelArgs.flavor(ns.flavor)
+    if ns.context > args.max_position_embeddings:
+        raise CLIError(f"--context {ns.context} exceeds max_position_embeddings "
+                       f"({args.max_position_embeddings}) of flavor {ns.flavor!r}")
     try:
-        result = cache_bytes(ModelArgs.flavor(ns.flavor), ns.context, batch=ns.batch, layout=ns.layout)
+        result = cache_bytes(args, ns.context, batch=ns.batch, layout=ns.layout)
     except ValueError as e:
         raise CLIError(str(e)) from None
     print(json.dumps({"flavor": ns.flavor, **result}, indent=2))
@@ -246,8 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "as UTF-8 bytes (token id = byte value), report the next-token cross-entropy, "
                     "then greedily generate new tokens and report parameter counts, prefill and "
                     "decode timings and the decode-state (KV cache) size.")
-    demo.add_argument("--flavor", default="debug", choices=FLAVORS,
-                      help="model flavor (vocab_size must be >= 256); default: %(default)s")
+    demo.add_argument("--flavor", default="debug", metavar="{" + ",".join(DEMO_FLAVORS) + "}",
+                      help="model flavor, one that runs on a CPU (v4-flash / v4-pro are for accounting "
+                           "only: see cache-bytes, config show); default: %(default)s")
     demo.add_argument("--tokens", type=int, default=512, metavar="N",
                       help="bytes of text to read = prompt tokens; default: %(default)s")
     demo.add_argument("--file", metavar="PATH", help="read this file instead of standard-library sources")
@@ -265,7 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "DeepSeek-V3.2's MLA cache (see model/cache_bytes.py).")
     cb.add_argument("--flavor", default="v4-flash", choices=FLAVORS, help="default: %(default)s")
     cb.add_argument("--context", type=int, default=1 << 20, metavar="TOKENS",
-                    help="context length per sequence; default: %(default)s")
+                    help="context length per sequence, at most the flavor's max_position_embeddings; "
+                         "default: %(default)s")
     cb.add_argument("--batch", type=int, default=1, help="sequences; default: %(default)s")
     cb.add_argument("--layout", default="paper", choices=LAYOUTS,
                     help="storage: fp32/bf16 everywhere, or paper (FP8 non-RoPE dims, BF16 RoPE dims); "
@@ -281,9 +349,10 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("flavor", metavar="FLAVOR", choices=FLAVORS, help=f"one of {', '.join(FLAVORS)}")
     show.set_defaults(func=cmd_config_show)
     check = cfg_sub.add_parser("check", help="validate a model YAML; exit 2 with the reason if invalid",
-                               description="Load PATH with ModelArgs.from_yaml. Prints OK, or the "
-                                           "error (unknown key, wrong type, inconsistent value) and "
-                                           "exits with status 2.")
+                               description="Load PATH with ModelArgs.from_yaml. Prints OK and exits "
+                                           "0, or prints the error (unknown or duplicate key, wrong "
+                                           "type, inconsistent value, empty file, invalid YAML) and "
+                                           "exits 2.")
     check.add_argument("path", metavar="PATH", help="model YAML (fields of ModelArgs, optional 'flavor')")
     check.set_defaults(func=cmd_config_check)
     return parser

@@ -100,10 +100,14 @@ def cache_bytes(args: ModelArgs, context_len: int, batch: int = 1, layout: str =
         ``ratio_vs_v32_with_indexer``). Ratios are ``None`` when ``context_len`` is 0.
 
     Raises:
-        ValueError: ``context_len < 0``, ``batch < 1`` or an unknown ``layout``.
+        ValueError: ``context_len < 0`` or ``> args.max_position_embeddings``, ``batch < 1``
+            or an unknown ``layout``.
     """
     if not isinstance(context_len, int) or isinstance(context_len, bool) or context_len < 0:
         raise ValueError(f"context_len must be an int >= 0, got {context_len!r}")
+    if context_len > args.max_position_embeddings:
+        raise ValueError(f"context_len {context_len} exceeds the model's max_position_embeddings "
+                         f"({args.max_position_embeddings})")
     if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
         raise ValueError(f"batch must be an int >= 1, got {batch!r}")
     if layout not in LAYOUTS:

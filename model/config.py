@@ -8,7 +8,8 @@ wrong types are ``ValueError``s naming the key and what is allowed.
 Named flavors (``ModelArgs.flavor(name)``):
 
 - ``debug``: 4 layers (one of each attention type), hidden 128; a forward on a
-  few hundred tokens takes milliseconds on CPU. Used by tests and the demo job.
+  few hundred tokens takes well under a second on CPU. Used by tests and the
+  demo job.
 - ``tiny``: 6 layers, hidden 256.
 - ``small``: 8 layers, hidden 512, paper-like ratios (window 128, m=4/128,
   top-k 128); the flavor the benchmark runs.
@@ -238,6 +239,24 @@ class ModelArgs:
                         raise ValueError(f"rope_parameters[{label!r}] is YaRN and needs {k!r}")
         if self.hc_eps <= 0 or self.rms_norm_eps <= 0:
             raise ValueError("hc_eps and rms_norm_eps must be > 0")
+        for name in ("swiglu_limit", "routed_scaling_factor"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.initializer_range < 0:
+            raise ValueError(f"initializer_range must be >= 0 (std of the initial weights), "
+                             f"got {self.initializer_range}")
+        if self.num_nextn_predict_layers not in (0, 1):
+            raise ValueError(f"num_nextn_predict_layers must be 0 or 1 (the model implements MTP depth 1), "
+                             f"got {self.num_nextn_predict_layers}")
+        if self.tie_word_embeddings:
+            raise ValueError("tie_word_embeddings must be false: the model has a separate LM head "
+                             "(tied embeddings are not supported)")
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            value = getattr(self, name)
+            for tid in value if isinstance(value, list) else [value]:
+                if tid is not None and not 0 <= tid < self.vocab_size:
+                    raise ValueError(f"{name} must be in [0, vocab_size) = [0, {self.vocab_size}), "
+                                     f"got {value}")
 
     # ------------------------------------------------------------ serialisation
     def to_dict(self) -> dict[str, Any]:
@@ -272,19 +291,37 @@ class ModelArgs:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> ModelArgs:
-        """Load from YAML (safe loader; also reads ``1e-6`` as a float); a top-level ``model:`` section is accepted."""
+        """Load from YAML; a top-level ``model:`` section is accepted.
+
+        The loader is PyYAML's safe loader, plus YAML 1.2 floats such as ``1e-6`` and
+        an error on duplicate keys.
+
+        Raises:
+            ValueError: naming the file: missing or not a regular file, not UTF-8 text,
+                invalid YAML (with line and column), empty, or bad fields.
+        """
         import yaml
 
         p = Path(path)
-        if not p.is_file():
+        if not p.exists():
             raise ValueError(f"model config {p} does not exist")
+        if not p.is_file():
+            raise ValueError(f"model config {p} is not a regular file")
         try:
-            data = yaml.load(p.read_text(), Loader=_yaml_loader())
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{p}: not a UTF-8 text file (byte {e.start}: {e.reason})") from None
+        except OSError as e:
+            raise ValueError(f"cannot read model config {p}: {e.strerror or e}") from None
+        try:
+            data = yaml.load(text, Loader=_yaml_loader())
         except yaml.YAMLError as e:
-            raise ValueError(f"{p}: not valid YAML: {e}") from None
+            raise ValueError(f"{p}: not valid YAML: {_yaml_error_line(e)}") from None
         if isinstance(data, dict) and set(data) == {"model"}:
             data = data["model"]
-        return cls.from_dict(data or {}, source=str(p))
+        if data is None or data == {}:
+            raise ValueError(f"{p}: empty config; give at least `flavor:` or the fields")
+        return cls.from_dict(data, source=str(p))
 
     def to_yaml(self, path: str | Path | None = None) -> str:
         import yaml
@@ -330,13 +367,37 @@ def _yaml_loader():
     import yaml
 
     class Loader(yaml.SafeLoader):
-        pass
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                try:
+                    duplicate = key in seen
+                except TypeError:  # unhashable key: SafeLoader reports it
+                    continue
+                if duplicate:
+                    raise yaml.constructor.ConstructorError(
+                        "while constructing a mapping", node.start_mark, f"duplicate key {key!r}",
+                        key_node.start_mark)
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
 
     Loader.add_implicit_resolver(
         "tag:yaml.org,2002:float",
         re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
         list("-+0123456789"))
     return Loader
+
+
+def _yaml_error_line(e: Exception) -> str:
+    """A ``yaml.YAMLError`` as one line: the problem and, when known, where (1-based)."""
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None)
+    if mark is not None:
+        return f"line {mark.line + 1}, column {mark.column + 1}: {problem or 'syntax error'}"
+    if getattr(e, "position", None) is not None and getattr(e, "reason", None):  # yaml.reader.ReaderError
+        return f"character {e.position}: {e.reason} ({e.character!r})"
+    return " ".join(str(e).split())
 
 
 def _flat_args(hint: Any) -> tuple:
@@ -446,6 +507,9 @@ def _flavor_dicts() -> dict[str, dict[str, Any]]:
 
 
 FLAVORS = tuple(_flavor_dicts())
+# Released shapes: far too large to build on one machine; for accounting (cache bytes,
+# parameter counts on the meta device) and config output only.
+ACCOUNTING_ONLY_FLAVORS = ("v4-flash", "v4-pro")
 
 
 def FLAVORS_FN(name: str, **overrides: Any) -> ModelArgs:
@@ -481,4 +545,4 @@ def _merge_overrides(base: dict[str, Any], overrides: dict[str, Any]) -> dict[st
     return d
 
 
-__all__ = ["ModelArgs", "FLAVORS", "LAYER_TYPES", "MLP_LAYER_TYPES", "CSA", "HCA", "SWA"]
+__all__ = ["ModelArgs", "FLAVORS", "ACCOUNTING_ONLY_FLAVORS", "LAYER_TYPES", "MLP_LAYER_TYPES", "CSA", "HCA", "SWA"]

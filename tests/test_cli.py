@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 import yaml
 
-from cluster.cli import CLIError, byte_tokens, load_text
+from cluster.cli import CLIError, byte_tokens, continuation_text, load_text, timed_greedy
 from model.config import ModelArgs
 
 
@@ -75,6 +76,91 @@ def test_cache_bytes_bad_context(repo_root):
     assert r.returncode == 2 and "context_len must be" in r.stderr
 
 
+def test_cache_bytes_context_beyond_max_positions(repo_root):
+    r = tide(repo_root, "cache-bytes", "--flavor", "debug", "--context", "65537")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "--context 65537 exceeds max_position_embeddings (65536) of flavor 'debug'" in r.stderr
+    r = tide(repo_root, "cache-bytes", "--flavor", "debug", "--context", "65536")
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("flavor", ["v4-flash", "v4-pro"])
+def test_demo_refuses_accounting_only_flavors(repo_root, flavor):
+    r = tide(repo_root, "demo", "--flavor", flavor, timeout=60)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == [
+        f"tide: error: flavor {flavor!r} is for accounting only (tide cache-bytes, tide config show): "
+        "too large to build here; demo runs debug, tiny, small"]
+    assert tide(repo_root, "cache-bytes", "--flavor", flavor).returncode == 0
+    assert tide(repo_root, "config", "show", flavor).returncode == 0
+
+
+def test_demo_flavor_choices(repo_root):
+    r = tide(repo_root, "demo", "--help")
+    assert "{debug,tiny,small}" in r.stdout and "{debug,tiny,small,v4-flash" not in r.stdout
+    r = tide(repo_root, "demo", "--flavor", "huge")
+    assert r.returncode == 2 and "unknown flavor 'huge'" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_continuation_text_marks_non_byte_ids():
+    assert continuation_text([104, 105]) == ("hi", 0)
+    assert continuation_text([104, 300, 0xC3, 0xA9, 511]) == ("h<300>é<511>", 2)
+    assert continuation_text([]) == ("", 0)
+
+
+class _SleepyModel:
+    """Stands in for a Transformer: prefill and each decode step take a known time."""
+
+    def __init__(self, prefill_s: float, step_s: float):
+        self.prefill_s, self.step_s, self.calls = prefill_s, step_s, []
+
+    def new_state(self, batch):
+        self.calls.append("new_state")
+        return {"pos": 0}
+
+    def prefill(self, ids, state):
+        import torch
+
+        time.sleep(self.prefill_s)
+        assert state["pos"] == 0, "prefill must start from a fresh state"
+        state["pos"] += ids.shape[1]
+        self.calls.append(f"prefill {ids.shape[1]}")
+        return torch.nn.functional.one_hot(torch.tensor([state["pos"] % 7]), 7).float()
+
+    def __call__(self, ids, state):
+        import torch
+
+        time.sleep(self.step_s)
+        assert ids.shape == (1, 1)
+        state["pos"] += 1
+        self.calls.append("step")
+        return torch.nn.functional.one_hot(torch.tensor([[state["pos"] % 7]]), 7).float()
+
+
+def test_timed_greedy_times_prefill_and_decode_separately():
+    import torch
+
+    model = _SleepyModel(prefill_s=0.02, step_s=0.05)
+    prefill_s, decode_s, new = timed_greedy(model, torch.zeros(1, 40, dtype=torch.long), 5)
+    # warm-up on its own state, then prefill on a fresh state, then one step per new token
+    assert model.calls == ["new_state", "prefill 15", "step", "new_state", "prefill 40"] + ["step"] * 5
+    assert new == [40 % 7, 41 % 7, 42 % 7, 43 % 7, 44 % 7]
+    assert 0.02 <= prefill_s < 0.02 + 4 * 0.05  # no decode step inside
+    assert decode_s / 5 >= 0.05
+
+
+def test_timed_greedy_matches_generate():
+    torch = pytest.importorskip("torch")
+    from model import Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs.flavor("debug")).eval()
+    ids = torch.randint(0, 256, (1, 40))
+    _, decode_s, new = timed_greedy(model, ids, 6)
+    assert new == model.generate(ids, max_new_tokens=6)[0, 40:].tolist()
+    assert decode_s > 0
+
+
 def test_load_text_default_is_stdlib_source():
     data, sources = load_text(4000)
     assert len(data) == 4000 and sources
@@ -111,3 +197,4 @@ def test_demo_runs(repo_root):
     assert r.returncode == 0, r.stderr
     for field in ("loss", "prefill", "decode", "params total / active", "decode state"):
         assert field in r.stdout
+    assert "0.00 ms/token" not in r.stdout and "ms/token (4 steps" in r.stdout

@@ -91,7 +91,13 @@ def test_flash_is_smaller_than_pro():
     (dict(context_len=-1), "context_len must be an int >= 0"),
     (dict(context_len=8, layout="fp8"), "unknown layout 'fp8'"),
     (dict(context_len=8, batch=0), "batch must be an int >= 1"),
+    (dict(context_len=65537), r"context_len 65537 exceeds the model's max_position_embeddings \(65536\)"),
 ])
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         cache_bytes(ModelArgs.flavor("debug"), **kwargs)
+
+
+def test_context_up_to_max_position_embeddings():
+    args = ModelArgs.flavor("debug")
+    assert cache_bytes(args, args.max_position_embeddings)["context_len"] == 65536

@@ -100,15 +100,93 @@ def test_rope_parameters_consistent_with_scalars():
     assert args.rope_parameters["main"]["partial_rotary_factor"] == 0.5
 
 
+@pytest.mark.parametrize("value", [-0.01, -1])
+def test_initializer_range_non_negative(value):
+    _raises(r"initializer_range must be >= 0", initializer_range=value)
+    assert ModelArgs.flavor("debug", initializer_range=0.0).initializer_range == 0.0
+
+
+@pytest.mark.parametrize("value", [2, -1])
+def test_mtp_depth_is_0_or_1(value):
+    _raises(r"num_nextn_predict_layers must be 0 or 1", num_nextn_predict_layers=value)
+    assert ModelArgs.flavor("debug", num_nextn_predict_layers=0).num_nextn_predict_layers == 0
+
+
+def test_tied_embeddings_unsupported():
+    _raises(r"tie_word_embeddings must be false.*separate LM head", tie_word_embeddings=True)
+
+
+@pytest.mark.parametrize("name", ["swiglu_limit", "routed_scaling_factor"])
+@pytest.mark.parametrize("value", [0.0, -1.5])
+def test_positive_floats(name, value):
+    _raises(rf"{name} must be > 0", **{name: value})
+
+
+@pytest.mark.parametrize("name, value", [
+    ("bos_token_id", 512), ("bos_token_id", -1), ("pad_token_id", 600), ("eos_token_id", 512),
+    ("eos_token_id", [1, 512]), ("eos_token_id", [-2]),
+])
+def test_special_token_ids_in_vocab(name, value):
+    _raises(rf"{name} must be in \[0, vocab_size\) = \[0, 512\)", **{name: value})
+
+
+def test_special_token_ids_valid():
+    args = ModelArgs.flavor("debug", bos_token_id=None, eos_token_id=[1, 511], pad_token_id=511)
+    assert args.eos_token_id == [1, 511]
+
+
+def test_hf_default_config_is_accepted():
+    from transformers import DeepseekV4Config
+
+    args = ModelArgs.from_hf_config(DeepseekV4Config())
+    assert (args.tie_word_embeddings, args.bos_token_id, args.eos_token_id) == (False, 0, 1)
+
+
 def test_missing_yaml_file(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         ModelArgs.from_yaml(tmp_path / "nope.yaml")
 
 
+@pytest.mark.parametrize("path", ["dir", "/dev/null"])
+def test_yaml_path_not_a_regular_file(path, tmp_path):
+    p = tmp_path if path == "dir" else path
+    with pytest.raises(ValueError, match=f"{p} is not a regular file"):
+        ModelArgs.from_yaml(p)
+
+
+@pytest.mark.parametrize("text", ["", "# only a comment\n", "model:\n", "{}\n"])
+def test_empty_yaml(text, tmp_path):
+    path = tmp_path / "empty.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=r"empty\.yaml: empty config; give at least `flavor:` or the fields"):
+        ModelArgs.from_yaml(path)
+
+
+def test_binary_yaml(tmp_path):
+    path = tmp_path / "garbage.yaml"
+    path.write_bytes(bytes(range(256)))
+    with pytest.raises(ValueError, match=r"garbage\.yaml: not a UTF-8 text file"):
+        ModelArgs.from_yaml(path)
+    path.write_bytes(b"flavor: debug\n\x00\x01")  # valid UTF-8, but not YAML text
+    with pytest.raises(ValueError, match=r"garbage\.yaml: not valid YAML: .*special characters"):
+        ModelArgs.from_yaml(path)
+
+
 def test_invalid_yaml(tmp_path):
     path = tmp_path / "broken.yaml"
     path.write_text("flavor: debug\nlayer_types: [sliding_attention\n")
-    with pytest.raises(ValueError, match="not valid YAML"):
+    with pytest.raises(ValueError, match=r"broken\.yaml: not valid YAML: line 3, column 1: ") as e:
+        ModelArgs.from_yaml(path)
+    assert "\n" not in str(e.value)
+
+
+def test_duplicate_yaml_keys(tmp_path):
+    path = tmp_path / "dup.yaml"
+    path.write_text("flavor: debug\nhidden_size: 128\nhidden_size: 256\n")
+    with pytest.raises(ValueError, match=r"dup\.yaml: not valid YAML: line 3, column 1: duplicate key 'hidden_size'"):
+        ModelArgs.from_yaml(path)
+    path.write_text("model:\n  flavor: debug\n  flavor: tiny\n")  # nested mappings too
+    with pytest.raises(ValueError, match="duplicate key 'flavor'"):
         ModelArgs.from_yaml(path)
 
 
