@@ -25,7 +25,7 @@ test: venv
 	$(VENV)/bin/python -m pytest -q tests
 
 run: venv
-	$(VENV)/bin/tide demo
+	$(VENV)/bin/tide train configs/debug.yaml
 
 bench: venv
 	$(VENV)/bin/python bench/bench_model.py

@@ -265,6 +265,25 @@ def cmd_demo(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(ns: argparse.Namespace) -> int:
+    from cluster import train
+
+    argv = [ns.config] + [a for k, v in (("--name", ns.name), ("--storage-path", ns.storage_path),
+                                          ("--address", ns.address)) if v for a in (k, v)]
+    return train.main(argv)
+
+
+def cmd_export(ns: argparse.Namespace) -> int:
+    from cluster.trainer import export_hf
+
+    try:
+        out = export_hf(Path(ns.checkpoint), Path(ns.out))
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    print(f"exported {ns.checkpoint} -> {out}")
+    return 0
+
+
 def cmd_cache_bytes(ns: argparse.Namespace) -> int:
     """``tide cache-bytes``: print :func:`model.cache_bytes.cache_bytes` as JSON."""
     args = ModelArgs.flavor(ns.flavor)
@@ -324,6 +343,23 @@ def build_parser() -> argparse.ArgumentParser:
                       help="tokens to generate greedily; default: %(default)s")
     demo.set_defaults(func=cmd_demo)
 
+    tr = sub.add_parser(
+        "train", help="train with a curriculum YAML under Ray Train (embedded local cluster unless one runs)",
+        description="Train a DeepSeek-V4-style model with the curriculum in CONFIG under Ray Train. Joins a "
+        "running Ray cluster (RAY_ADDRESS or a local `ray start --head`), else starts an embedded one. "
+        "Re-running with the same --name resumes from the last committed checkpoint. Writes "
+        "<storage_path>/<name>/{metrics.jsonl, loss.png, checkpoints/, run_info.json}.")
+    tr.add_argument("config", help="training YAML, e.g. configs/debug.yaml")
+    tr.add_argument("--name", help="run name (overrides the config)")
+    tr.add_argument("--storage-path", help="directory holding runs (overrides the config)")
+    tr.add_argument("--address", help="Ray address to join (default: RAY_ADDRESS, a local head, or embedded)")
+    ex = sub.add_parser(
+        "export", help="export a training checkpoint as an HF-format directory (model.save_hf)",
+        description="Verify a training checkpoint (sha256 manifest) and write its model as a directory that "
+        "transformers.DeepseekV4ForCausalLM.from_pretrained and model.load_hf read.")
+    ex.add_argument("checkpoint", help="a checkpoint directory (<run>/checkpoints/step-NNNNNNNN) or a run directory "
+                    "(its latest checkpoint)")
+    ex.add_argument("out", help="output directory (created; an existing checkpoint there is replaced atomically)")
     cb = sub.add_parser(
         "cache-bytes", help="decode-state (KV cache) bytes of a flavor, as JSON",
         description="Print the per-sequence decode state of FLAVOR at a context length as JSON: "
@@ -339,6 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="storage: fp32/bf16 everywhere, or paper (FP8 non-RoPE dims, BF16 RoPE dims); "
                          "default: %(default)s")
     cb.set_defaults(func=cmd_cache_bytes)
+    tr.set_defaults(func=cmd_train)
+    ex.set_defaults(func=cmd_export)
 
     cfg = sub.add_parser("config", help="show a flavor or check a model YAML",
                          description="Model configuration (ModelArgs) utilities.")

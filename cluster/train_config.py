@@ -120,8 +120,10 @@ class TrainConfig:
     spike: SpikeSection = field(default_factory=SpikeSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     ray: RaySection = field(default_factory=RaySection)
-    # testing hook: raise inside the worker at this global step (first attempt only)
+    # testing hooks: raise inside the worker at this global step (first attempt only);
+    # replace the batch of this step by uniformly random tokens (a corrupted batch -> loss spike)
     fail_at_step: int | None = None
+    inject_spike_at_step: int | None = None
 
     @property
     def total_steps(self) -> int:

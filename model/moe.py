@@ -55,10 +55,15 @@ class Router(nn.Module):
         else:
             self.register_buffer("e_score_correction_bias", torch.zeros(args.n_routed_experts, dtype=torch.float32))
 
-    def forward(self, x_ND: torch.Tensor, token_ids_N: torch.Tensor | None = None):
+    def forward(self, x_ND: torch.Tensor, token_ids_N: torch.Tensor | None = None,
+                forced_indices_NK: torch.Tensor | None = None):
+        """``forced_indices_NK``: use these experts instead of selecting (anticipatory routing);
+        the weights still come from the current scores."""
         logits = F.linear(x_ND.float(), self.weight.float())
         scores = score_fn(logits, self.scoring)
-        if self.hashed:
+        if forced_indices_NK is not None and not self.hashed:
+            indices = forced_indices_NK.to(scores.device).long()
+        elif self.hashed:
             if token_ids_N is None:
                 raise ValueError("hash-routed MoE layer needs the token ids (input_ids)")
             indices = self.tid2eid[token_ids_N].long()
@@ -126,7 +131,11 @@ class SharedExpert(nn.Module):
 class MoE(nn.Module):
     """Shared + routed experts for one layer. ``forward(x [B,S,D], input_ids [B,S])``
     returns ``[B,S,D]``. After each call ``last_scores [N,E]`` and ``last_indices
-    [N,K]`` hold the routing of that call (used by balancing in training)."""
+    [N,K]`` hold the routing of that call (used by balancing in training).
+
+    Anticipatory routing (SPEC section 7): set ``forced_indices [N,K]`` to make the
+    next call use routing indices computed earlier (with older parameters); it is
+    consumed by that call."""
 
     def __init__(self, args: ModelArgs, hashed: bool):
         super().__init__()
@@ -138,12 +147,16 @@ class MoE(nn.Module):
                                if args.n_shared_experts > 0 else None)
         self.last_scores: torch.Tensor | None = None
         self.last_indices: torch.Tensor | None = None
+        self.forced_indices: torch.Tensor | None = None
 
     def forward(self, x_BSD: torch.Tensor, input_ids: torch.Tensor | None = None) -> torch.Tensor:
         B, S, D = x_BSD.shape
         flat = x_BSD.reshape(-1, D)
         ids = input_ids.reshape(-1) if input_ids is not None else None
-        scores, weights, indices = self.gate(flat, ids)
+        forced, self.forced_indices = self.forced_indices, None
+        if forced is not None and forced.shape[0] != flat.shape[0]:
+            raise ValueError(f"forced routing has {forced.shape[0]} rows for {flat.shape[0]} tokens")
+        scores, weights, indices = self.gate(flat, ids, forced)
         self.last_scores, self.last_indices = scores, indices
         out = self.experts(flat, indices, weights).view(B, S, D)
         if self.shared_experts is not None:

@@ -147,9 +147,7 @@ class CombinedOptimizer:
         self.cfg = cfg
         muon, adam = [], []
         self.names: dict[int, str] = {}
-        for name, p in model.named_parameters():
-            if not p.requires_grad:
-                continue
+        for name, p in model.named_parameters():  # frozen ones too: curriculum stages unfreeze them
             self.names[id(p)] = name
             (muon if cfg.use_muon and is_muon_param(name, p) else adam).append(p)
         self.muon = Muon(muon, lr=cfg.lr, momentum=cfg.muon_momentum, weight_decay=cfg.weight_decay,

@@ -1,0 +1,137 @@
+"""Ray Train entry point: ``python -m cluster.train CONFIG`` (what ``tide train`` runs).
+
+Starts an embedded local Ray cluster when none is reachable, else joins the
+running one (``ray start --head``; ``ray job submit --working-dir . -- python -m
+cluster.train CONFIG`` works the same way), then runs ``cluster.trainer.Trainer``
+inside a Ray Train ``TorchTrainer`` worker:
+
+- every step: ``ray.train.report(metrics)``; at each committed checkpoint
+  ``ray.train.report(metrics, checkpoint=Checkpoint.from_directory(...))``;
+- ``RunConfig(name, storage_path)``: re-running with the same name resumes;
+- ``FailureConfig(max_failures)``: a worker that dies is restarted and resumes from
+  the last committed checkpoint (verified against its sha256 manifest).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def _worker_loop(config: dict) -> None:
+    """Runs inside the Ray Train worker process."""
+    import logging
+
+    import ray.train
+
+    from cluster.train_config import load_train_config
+
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # one line per step from Ray is too much
+    from cluster.trainer import Trainer
+
+    cfg = load_train_config(config["train_config"])
+    resume = None
+    from cluster import checkpoint as ckpt
+
+    if ckpt.latest_checkpoint(cfg.run_dir() / "checkpoints") is None:
+        ray_ckpt = ray.train.get_checkpoint()
+        if ray_ckpt is not None:  # storage survived, the run directory did not: use Ray's copy
+            resume = Path(ray_ckpt.to_directory())
+
+    def report(metrics: dict, committed: Path | None) -> None:
+        flat = {k: v for k, v in metrics.items() if isinstance(v, (int, float, bool))}
+        if committed is not None:
+            ray.train.report(flat, checkpoint=ray.train.Checkpoint.from_directory(str(committed)))
+        else:
+            ray.train.report(flat)
+
+    summary = Trainer(cfg, report=report, resume_from=resume, progress="lines").run()
+    print("TIDE_SUMMARY " + json.dumps(summary), flush=True)
+
+
+def init_ray(address: str | None = None) -> str:
+    """Join a running Ray cluster (``address``, ``RAY_ADDRESS`` or a local head) or start
+    an embedded one. Returns ``"joined"`` or ``"embedded"``."""
+    import ray
+
+    if ray.is_initialized():
+        return "joined"
+    try:
+        ray.init(address=address or os.environ.get("RAY_ADDRESS") or "auto", log_to_driver=True)
+        return "joined"
+    except ConnectionError:
+        if address:
+            raise
+    ray.init(log_to_driver=True)
+    return "embedded"
+
+
+def run(config_path: str, *, name: str | None = None, storage_path: str | None = None,
+        address: str | None = None) -> dict:
+    """Validate the config, start/join Ray, run the TorchTrainer; returns the run summary.
+
+    Raises:
+        ValueError: invalid config (before anything starts).
+        RuntimeError: the training run failed after exhausting ``max_failures``.
+    """
+    from cluster.train_config import load_train_config
+
+    cfg = load_train_config(config_path, name=name, storage_path=storage_path)
+    cfg.storage_path = str(Path(cfg.storage_path).expanduser().resolve())  # workers run elsewhere
+    data = cfg.to_dict()
+    mode = init_ray(address)
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    print(f"tide: {mode} Ray cluster; run '{cfg.name}' in {cfg.run_dir()} "
+          f"({len(cfg.curriculum)} stages, {cfg.total_steps} steps)", flush=True)
+    trainer = TorchTrainer(
+        _worker_loop,
+        train_loop_config={"train_config": data},
+        scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=False,
+                                     resources_per_worker={"CPU": cfg.ray.cpus_per_worker}),
+        run_config=RunConfig(name=cfg.name, storage_path=cfg.storage_path,
+                             failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep)),
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise RuntimeError(f"training run '{cfg.name}' failed: {result.error}")
+    metrics = result.metrics or {}
+    run_dir = cfg.run_dir()
+    summary = {"run_dir": str(run_dir), "final_metrics": metrics,
+               "checkpoint": result.checkpoint.path if result.checkpoint else None,
+               "loss_png": str(run_dir / "loss.png"), "metrics_jsonl": str(run_dir / "metrics.jsonl")}
+    return summary
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="tide train", description="Train a DeepSeek-V4-style model with the curriculum in CONFIG under Ray "
+        "Train (joins a running Ray cluster, else starts an embedded one). Re-running with the same name resumes "
+        "from the last committed checkpoint.")
+    p.add_argument("config", help="training YAML (see configs/debug.yaml)")
+    p.add_argument("--name", help="run name (overrides the config's `name`)")
+    p.add_argument("--storage-path", help="directory holding runs (overrides `storage_path`)")
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, a local head, or embedded)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        summary = run(args.config, name=args.name, storage_path=args.storage_path, address=args.address)
+    except ValueError as e:
+        print(f"tide: error: {e}", file=sys.stderr)
+        return 2
+    m = summary["final_metrics"]
+    print(json.dumps({"run_dir": summary["run_dir"], "final_step": m.get("step"), "final_loss": m.get("ce"),
+                      "checkpoint": summary["checkpoint"], "loss_png": summary["loss_png"]}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""The curriculum trainer in-process: exact resume after a kill, spike rollback, export."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from cluster import checkpoint as ckpt
+from cluster.train_config import load_train_config
+from cluster.trainer import Trainer, export_hf
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def tiny_config(tmp: Path, name: str, **over) -> dict:
+    cfg = {
+        "name": name, "storage_path": str(tmp), "seed": 3,
+        "model": {"flavor": "debug", "hidden_size": 64, "moe_intermediate_size": 64, "q_lora_rank": 32,
+                  "o_lora_rank": 32, "index_n_heads": 4, "index_head_dim": 16, "num_attention_heads": 2,
+                  "o_groups": 1, "head_dim": 32, "partial_rotary_factor": 0.5,
+                  "rope_parameters": {"main": {"rope_type": "default", "rope_theta": 10000.0,
+                                               "partial_rotary_factor": 0.5},
+                                      "compress": {"rope_type": "default", "rope_theta": 160000.0,
+                                                   "partial_rotary_factor": 0.5}}},
+        "data": {"source": "stdlib", "vocab_size": 300, "max_bytes": 150_000},
+        "optim": {"lr": 1e-2, "min_lr": 1e-3, "warmup_steps": 2},
+        "checkpoint": {"every_steps": 3, "keep": 2},
+        "curriculum": [
+            {"name": "a", "seq_len": 64, "batch_tokens": 256, "steps": 5, "attention": "dense"},
+            {"name": "w", "seq_len": 64, "batch_tokens": 256, "steps": 2, "attention": "indexer_warmup",
+             "mtp_weight": 0.0},
+            {"name": "b", "seq_len": 128, "batch_tokens": 256, "steps": 4, "attention": "sparse"},
+        ],
+    }
+    cfg.update(over)
+    return cfg
+
+
+def _losses(run_dir: Path) -> list[tuple[int, float, float]]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [(r["step"], r["ce"], r["loss"]) for r in rows]
+
+
+RUNNER = """
+import json, sys
+sys.path.insert(0, {root!r})
+from cluster.train_config import load_train_config
+from cluster.trainer import Trainer
+Trainer(load_train_config(json.load(open(sys.argv[1]))), progress="none").run()
+"""
+
+
+def _spawn(cfg: dict, tmp: Path) -> subprocess.Popen:
+    f = tmp / f"{cfg['name']}.json"
+    f.write_text(json.dumps(cfg))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-c", RUNNER.format(root=str(ROOT)), str(f)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def test_killed_and_resumed_run_reproduces_losses_bit_for_bit(tmp_path):
+    full = _spawn(tiny_config(tmp_path, "full"), tmp_path)
+    assert full.wait(timeout=600) == 0, full.stderr.read()
+    # the same run, SIGKILLed after step 7 (mid stage 'w'), then started again
+    killed = _spawn(tiny_config(tmp_path, "killed"), tmp_path)
+    metrics = tmp_path / "killed" / "metrics.jsonl"
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 8:
+            break
+        time.sleep(0.05)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert len(_losses(tmp_path / "killed")) < 11
+    resumed = _spawn(tiny_config(tmp_path, "killed"), tmp_path)
+    assert resumed.wait(timeout=600) == 0, resumed.stderr.read()
+    a, b = _losses(tmp_path / "full"), _losses(tmp_path / "killed")
+    assert [s for s, _, _ in a] == list(range(11))
+    assert a == b  # every step's loss, bit for bit
+    assert ckpt.latest_checkpoint(tmp_path / "killed" / "checkpoints").name == "step-00000011"
+    assert (tmp_path / "killed" / "loss.png").stat().st_size > 1000
+
+
+def test_loss_spike_rolls_back_and_switches_on_anticipatory_routing(tmp_path):
+    cfg = tiny_config(tmp_path, "spike", inject_spike_at_step=24,
+                      spike={"factor": 1.5, "min_steps": 5, "anticipatory_steps": 3, "ema_beta": 0.8},
+                      checkpoint={"every_steps": 4, "keep": 2},
+                      curriculum=[{"name": "a", "seq_len": 64, "batch_tokens": 256, "steps": 32,
+                                   "attention": "sparse"}])
+    tr = Trainer(load_train_config(cfg), progress="none")
+    summary = tr.run()
+    rows = tr.history
+    spike = rows[24]
+    assert spike.get("spike") and spike["rolled_back_to"].endswith("step-00000024")
+    assert summary["spikes"] == [24] and summary["rollbacks"] == 1
+    ar = [r["step"] for r in rows if r["anticipatory_routing"]]
+    assert ar == [25, 26, 27]  # switched on for anticipatory_steps, then off again
+    assert all(not r.get("spike") for r in rows[25:])  # recovered: no further spikes
+    assert max(r["ce"] for r in rows[25:]) < spike["ce"] / 1.5
+    assert summary["anticipatory_overhead"] is not None  # the extra routing pass is measured
+    print("anticipatory routing overhead:", summary["anticipatory_overhead"])
+    # no checkpoint is taken while anticipatory routing is on (step 28 is the next one)
+    steps = [ckpt.checkpoint_step(p) for p in ckpt.list_checkpoints(tmp_path / "spike" / "checkpoints")]
+    assert 26 not in steps and 32 in steps
+
+
+def test_anticipatory_routing_uses_indices_from_the_earlier_parameters(tmp_path):
+    cfg = tiny_config(tmp_path, "ar", curriculum=[{"name": "a", "seq_len": 64, "batch_tokens": 256, "steps": 3,
+                                                   "attention": "dense"}])
+    tr = Trainer(load_train_config(cfg), progress="none")
+    tr.setup()
+    tr._apply_stage()
+    tr.ar_remaining = 2
+    batch, forced = tr._next_batch()  # batch of step t, routed before any update
+    expected = tr._routing_for(batch)
+    assert all(torch.equal(a, b) for a, b in zip(forced, expected))
+    row = tr.train_step(batch, tr.cfg.curriculum[0], forced)
+    assert row["anticipatory_routing"]
+    used = [m.last_indices for m in tr._routed_moes()]
+    assert all(torch.equal(a, b) for a, b in zip(used, forced))
+    # the next batch was routed with the parameters of the previous step (before this update)
+    nxt, forced2 = tr._next_batch()
+    assert forced2 is not None and not all(torch.equal(a, b) for a, b in zip(forced2, tr._routing_for(nxt)))
+
+
+def test_export_and_damaged_checkpoints(tmp_path):
+    from model import load_hf
+
+    cfg = tiny_config(tmp_path, "exp", curriculum=[{"name": "a", "seq_len": 64, "batch_tokens": 256, "steps": 3,
+                                                    "attention": "sparse"}])
+    tr = Trainer(load_train_config(cfg), progress="none")
+    tr.run()
+    out = export_hf(tmp_path / "exp", tmp_path / "hf")
+    m = load_hf(out, strict_mtp=True).eval()
+    ids = torch.randint(0, 300, (1, 40))
+    tr.model.eval()
+    with torch.no_grad():
+        assert torch.equal(m(ids), tr.model(ids))
+    assert (out / "tokenizer.json").is_file()
+    last = ckpt.latest_checkpoint(tmp_path / "exp" / "checkpoints")
+    f = last / "model.safetensors"
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    f.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="model.safetensors"):
+        export_hf(last, tmp_path / "hf2")
+    with pytest.raises(ValueError):
+        Trainer(load_train_config(cfg), progress="none", resume_from=last).setup()
