@@ -161,6 +161,9 @@ class Trainer:
 
     def _load_weights(self, path: Path) -> dict:
         tensors, meta = ckpt.load_checkpoint(path)
+        if meta.get("model_args") != self.args.to_dict():
+            raise ValueError(f"{path} holds a checkpoint of a different model than this config describes; "
+                             f"resume with the config it was trained with, or start a new run (--name)")
         self.model.load_state_dict(tensors["model"])
         self.optimizer.load_state_dict(ckpt.unflatten_state(tensors["optimizer"], meta["optimizer_skeleton"]))
         return meta
