@@ -153,10 +153,11 @@ class Indexer(Compressor):
 
     def scores(self, q_BQID: torch.Tensor, w_BQI: torch.Tensor, keys_BTD: torch.Tensor) -> torch.Tensor:
         """Index scores ``[B, Q, T]`` float32 (no causal masking)."""
-        B, Q, I, Dh = q_BQID.shape
         logits = torch.matmul(q_BQID, keys_BTD.float().transpose(-1, -2).unsqueeze(1))  # [B,Q,I,T]
-        logits = F.relu(logits) * self.head_dim ** -0.5
-        return (logits * w_BQI.unsqueeze(-1)).sum(dim=2)
+        logits = logits.relu_()
+        # sum_h w[h] * relu(.)[h, t] as one batched mat-vec (no [B,Q,I,T] temporaries)
+        w = (w_BQI * self.head_dim ** -0.5).unsqueeze(-2)  # [B,Q,1,I]
+        return torch.matmul(w, logits).squeeze(-2)
 
     def select(self, scores_BQT: torch.Tensor, q_pos_Q: torch.Tensor, allowed_BQT: torch.Tensor | None = None):
         """Top-k eligible entries: ``(indices [B,Q,K] int64 clamped >= 0, valid [B,Q,K] bool)``.
@@ -180,12 +181,15 @@ class Indexer(Compressor):
         # the row length -- which would make decode, chunked prefill and the full forward
         # pick different entries. (HF uses plain topk: it agrees with us whenever the k-th
         # value is not tied.)
-        kth = masked.topk(k, dim=-1).values[..., -1:]
-        above = masked > kth
-        tied = masked == kth
-        room = k - above.sum(-1, keepdim=True)
-        chosen = above | (tied & (tied.cumsum(-1) <= room))
-        idx = chosen.to(torch.uint8).topk(k, dim=-1).indices
+        top = masked.topk(k, dim=-1)
+        kth = top.values[..., -1:]
+        idx = top.indices
+        if bool(((masked >= kth).sum(-1) > k).any()):  # a tie straddles the cut somewhere
+            above = masked > kth
+            tied = masked == kth
+            room = k - above.sum(-1, keepdim=True)
+            chosen = above | (tied & (tied.cumsum(-1) <= room))
+            idx = chosen.to(torch.uint8).topk(k, dim=-1).indices
         valid = torch.gather(eligible.expand_as(masked), -1, idx)
         return torch.where(valid, idx, torch.zeros_like(idx)), valid
 
