@@ -23,6 +23,16 @@ are skipped (with the reason recorded) where ``4 live copies`` of it would pass
 ``--hf-mem-limit-gb``. HF prefill is called with ``logits_to_keep=1`` (as ours
 computes only the last position's logits), which only helps HF.
 
+Noise. On a 2-core machine another busy process stalls every OpenMP barrier of a
+2-thread run: prefill slows down 2-7x and decode (thousands of tiny ops) 10-30x.
+So each worker waits (``--wait-idle``) for the other processes to leave the CPUs
+before its timed region, measures the CPU they use during it
+(``*_other_cores``), and the parent re-runs a disturbed measurement
+(``--retries``), keeping the quietest. ``contention`` in the JSON summarises it.
+Each worker also records which ``model/`` sources it imported (``model_code``);
+to benchmark a commit while ``model/`` is being edited, run the script from a
+clean clone of that commit.
+
 Output: human progress on stderr; ONE JSON line on stdout at the end.
 
     PYTHONPATH=. python bench/bench_model.py            # full run (tens of minutes on 2 cores)
@@ -34,7 +44,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
 import os
 import resource
 import statistics
@@ -59,9 +68,9 @@ LONG_PREFILL_LIMIT_MB = 8192  # the "64K-token prefill within 8 GB" target (GiB)
 PARITY_TOKENS = 64
 WARMUP_TOKENS = 128
 PAPER_RATIO = 0.07
-DECODE_GROWTH_FRACTION = 1 / 8
+DECODE_GROWTH_FRACTION = 1 / 8  # "far slower than context": ms ratio <= context ratio / 8
 QUIET_CORES = 0.3  # other processes' CPU use (cores) below which a measurement counts as quiet
-DECODE_ROUNDS = 3  # "far slower than context": ms ratio <= context ratio / 8
+DECODE_ROUNDS = 3  # decode: up to this many rounds of timed steps, the quietest kept
 
 
 # ============================================================== small helpers
@@ -196,6 +205,19 @@ def _forward_decode(impl: str, model, nxt, state):
     return model(nxt, cache=state, use_cache=True).logits[:, -1]
 
 
+def _model_fingerprint() -> dict:
+    """Where ``model`` was imported from and a hash of its sources (the code actually measured)."""
+    import hashlib
+
+    import model
+
+    pkg = Path(model.__file__).resolve().parent
+    h = hashlib.sha1()
+    for f in sorted(pkg.glob("*.py")):
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return {"path": str(pkg), "sha1": h.hexdigest()[:12]}
+
+
 def run_worker(spec: dict) -> dict:
     """One measurement in this (fresh) process; see ``_worker_main``."""
     import torch
@@ -205,7 +227,8 @@ def run_worker(spec: dict) -> dict:
     impl, S = spec["impl"], spec["tokens"]
     t0 = time.perf_counter()
     args, model, parity = _build(spec["flavor"], impl, spec["seed"])
-    res: dict = {"impl": impl, "tokens": S, "build_s": time.perf_counter() - t0, "parity_max_abs": parity}
+    res: dict = {"impl": impl, "tokens": S, "build_s": time.perf_counter() - t0, "parity_max_abs": parity,
+                 "model_code": _model_fingerprint()}
     gc.collect()
     base = _rss_mb()
     res["rss_after_build_mb"] = base
@@ -386,7 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="re-run a measurement disturbed by other processes up to this many times, keeping the "
                         "quietest (default 2; only runs shorter than --retry-max-s)")
     p.add_argument("--retry-max-s", type=float, default=300.0,
-                   help="do not repeat workers that took longer than this, s (default 300)")
+                   help="do not repeat measurements whose prefill took longer than this, s (default 300)")
     p.add_argument("--json-out", default=None, help="also write the JSON to this file")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
@@ -399,13 +422,20 @@ def main(argv: list[str] | None = None) -> int:
     if opt.worker is not None:
         return _worker_main(opt.worker, opt.worker_out)
 
+    import signal
+
     import torch
 
     from model import ModelArgs
     from model.cache_bytes import cache_bytes
 
+    def _terminate(signum, frame):  # SystemExit unwinds subprocess.run, which kills the running worker
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, _terminate)
     t_start = time.perf_counter()
     load0 = os.getloadavg()
+    git0 = _git_info()
     lengths = opt.lengths or list(QUICK_LENGTHS if opt.quick else DEFAULT_LENGTHS)
     contexts = opt.contexts or list(QUICK_CONTEXTS if opt.quick else DEFAULT_CONTEXTS)
     long_len = opt.long_prefill if opt.long_prefill is not None else (0 if opt.quick else DEFAULT_LONG)
@@ -437,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
             r["attempts"] = attempt + 1
             if best is None or _noise(r) < _noise(best):
                 best = r
-            if _noise(r) <= QUIET_CORES or r.get("worker_wall_s", 0) > opt.retry_max_s:
+            if _noise(r) <= QUIET_CORES or r.get("prefill_s", 0) > opt.retry_max_s:
                 break
         return best
 
@@ -461,6 +491,12 @@ def main(argv: list[str] | None = None) -> int:
 
     report = _assemble(opt, args, lengths, contexts, long_len, ours, hf, cache_bytes, torch.__version__)
     report["wall_s"] = _r(time.perf_counter() - t_start, 1)
+    codes = sorted({json.dumps(r["model_code"], sort_keys=True) for r in ours.values() if "model_code" in r})
+    report["model_code"] = [json.loads(c) for c in codes]
+    if len(codes) > 1:
+        report["model_code_warning"] = "our workers measured different versions of model/ (edited during the run)"
+    report["git"] = git0 if git0 == _git_info() else {"start": git0, "end": _git_info(),
+                                                        "warning": "the checkout changed during the run"}
     report["machine"] = {"cpus": os.cpu_count(), "loadavg_start": [round(x, 2) for x in load0],
                          "loadavg_end": [round(x, 2) for x in os.getloadavg()]}
     line = json.dumps(report)
@@ -581,6 +617,19 @@ def hf_skip_reason_static(opt, args, S: int) -> str:
     est = hf_scores_bytes(args, S)
     return (f"not run (long prefill is ours only); estimated HF attention-score memory "
             f"{est / (1 << 30):.1f} GiB")
+
+
+def _git_info() -> dict:
+    """Commit of the checkout and whether model/ differs from it (the model under test)."""
+    def git(*a):
+        r = subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, timeout=30, check=False)
+        return r.stdout.strip() if r.returncode == 0 else None
+
+    try:
+        return {"commit": git("rev-parse", "--short", "HEAD"),
+                "model_dirty": bool(git("status", "--porcelain", "--", "model"))}
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "model_dirty": None}
 
 
 def _transformers_version() -> str | None:

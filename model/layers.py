@@ -94,7 +94,8 @@ class HyperConnection(nn.Module):
             comb = sinkhorn_knopp(comb_logits, self.iters, self.hc_eps)
         else:
             comb = comb_logits
-        collapsed = (pre.unsqueeze(-1) * streams_BSND).sum(dim=2).to(streams_BSND.dtype)
+        # sum_j pre_j X_j as a batched [1,N] @ [N,D] product (no [B,S,N,D] temporary)
+        collapsed = torch.matmul(pre.unsqueeze(-2).to(streams_BSND.dtype), streams_BSND).squeeze(-2)
         return post, comb, collapsed
 
     @staticmethod
@@ -123,4 +124,4 @@ class HyperHead(nn.Module):
         flat = rms_norm_noweight(streams_BSND.flatten(2).float(), self.norm_eps)
         mixes = F.linear(flat, self.hc_fn.float())
         pre = torch.sigmoid(mixes * self.hc_scale.float() + self.hc_base.float()) + self.hc_eps
-        return (pre.unsqueeze(-1) * streams_BSND).sum(dim=2).to(streams_BSND.dtype)
+        return torch.matmul(pre.unsqueeze(-2).to(streams_BSND.dtype), streams_BSND).squeeze(-2)

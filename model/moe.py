@@ -103,7 +103,7 @@ class Experts(nn.Module):
                 continue
             xs = x_sorted[start:start + c]
             gate, up = F.linear(xs, self.gate_up_proj[e]).chunk(2, dim=-1)
-            h = F.silu(gate.clamp(max=self.limit)) * up.clamp(min=-self.limit, max=self.limit)
+            h = F.silu(gate.clamp(max=self.limit)).mul_(up.clamp(min=-self.limit, max=self.limit))
             outs.append(F.linear(h, self.down_proj[e]))
             start += c
         y = torch.cat(outs, dim=0) * w_sorted.unsqueeze(-1) if outs else x_sorted[:0]

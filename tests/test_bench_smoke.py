@@ -13,7 +13,7 @@ SCRIPT = os.path.join(ROOT, "bench", "bench_model.py")
 # 256 tokens everywhere (the long prefill reuses the 256-token run), 2 decode steps, one thread
 # (robust to other processes on a 2-core machine), no waiting for an idle machine.
 ARGS = ["--quick", "--lengths", "256", "--contexts", "256", "--long-prefill", "256", "--decode-steps", "2",
-        "--decode-warmup", "1", "--threads", "1", "--wait-idle", "0", "--timeout", "50"]
+        "--decode-warmup", "1", "--threads", "1", "--wait-idle", "0", "--retries", "0", "--timeout", "50"]
 
 
 def test_help():
