@@ -81,6 +81,10 @@ def run(config_path: str, *, name: str | None = None, storage_path: str | None =
 
     cfg = load_train_config(config_path, name=name, storage_path=storage_path)
     cfg.storage_path = str(Path(cfg.storage_path).expanduser().resolve())  # workers run elsewhere
+    if cfg.data.source != "stdlib":  # fail fast, before Ray starts, on a missing / unusable corpus path
+        from cluster.data import Corpus
+
+        Corpus(cfg.data.source, max_bytes=cfg.data.max_bytes, text_field=cfg.data.text_field)
     data = cfg.to_dict()
     mode = init_ray(address)
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
