@@ -29,7 +29,11 @@ def _worker_loop(config: dict) -> None:
 
     from cluster.train_config import load_train_config
 
-    logging.getLogger("ray.train").setLevel(logging.WARNING)  # one line per step from Ray is too much
+    # Ray Train logs a ~1 KB line per report; its logger is named after the module file.
+    import ray.train.v2._internal.execution.context as _ctx
+
+    for name in ("ray.train", _ctx.__name__, _ctx.__file__):
+        logging.getLogger(name).setLevel(logging.WARNING)
     from cluster.trainer import Trainer
 
     cfg = load_train_config(config["train_config"])
@@ -81,10 +85,16 @@ def run(config_path: str, *, name: str | None = None, storage_path: str | None =
 
     cfg = load_train_config(config_path, name=name, storage_path=storage_path)
     cfg.storage_path = str(Path(cfg.storage_path).expanduser().resolve())  # workers run elsewhere
-    if cfg.data.source != "stdlib":  # fail fast, before Ray starts, on a missing / unusable corpus path
+    if cfg.data.source != "stdlib":  # workers run elsewhere: absolute paths; fail fast before Ray starts
         from cluster.data import Corpus
 
-        Corpus(cfg.data.source, max_bytes=cfg.data.max_bytes, text_field=cfg.data.text_field)
+        cfg.data.source = str(Path(cfg.data.source).expanduser().resolve())
+        corpus = Corpus(cfg.data.source, max_bytes=cfg.data.max_bytes, text_field=cfg.data.text_field)
+        next(iter(corpus.documents()), None)  # reads the first record: bad field / encoding show up now
+    if cfg.data.tokenizer:
+        cfg.data.tokenizer = str(Path(cfg.data.tokenizer).expanduser().resolve())
+        if not Path(cfg.data.tokenizer).is_file():
+            raise ValueError(f"data.tokenizer {cfg.data.tokenizer} does not exist")
     data = cfg.to_dict()
     mode = init_ray(address)
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -104,10 +114,17 @@ def run(config_path: str, *, name: str | None = None, storage_path: str | None =
     result = trainer.fit()
     if result.error is not None:
         raise RuntimeError(f"training run '{cfg.name}' failed: {result.error}")
+    from cluster import checkpoint as ckpt
+
     metrics = result.metrics or {}
     run_dir = cfg.run_dir()
-    summary = {"run_dir": str(run_dir), "final_metrics": metrics,
-               "checkpoint": result.checkpoint.path if result.checkpoint else None,
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    last = rows[-5:]
+    latest = ckpt.latest_checkpoint(run_dir / "checkpoints")
+    summary = {"run_dir": str(run_dir), "steps": len(rows), "first_loss": rows[0]["ce"] if rows else None,
+               "final_loss": sum(r["ce"] for r in last) / len(last) if last else None,
+               "final_metrics": metrics, "checkpoint": str(latest) if latest else None,
+               "ray_checkpoint": result.checkpoint.path if result.checkpoint else None,
                "loss_png": str(run_dir / "loss.png"), "metrics_jsonl": str(run_dir / "metrics.jsonl")}
     return summary
 
@@ -131,9 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"tide: error: {e}", file=sys.stderr)
         return 2
-    m = summary["final_metrics"]
-    print(json.dumps({"run_dir": summary["run_dir"], "final_step": m.get("step"), "final_loss": m.get("ce"),
-                      "checkpoint": summary["checkpoint"], "loss_png": summary["loss_png"]}, indent=2))
+    print(json.dumps({k: summary[k] for k in ("run_dir", "steps", "first_loss", "final_loss", "checkpoint",
+                                               "loss_png", "metrics_jsonl")}, indent=2))
     return 0
 
 

@@ -207,9 +207,8 @@ class Trainer:
         steps = [r["step"] for r in self.history]
         fig, ax = plt.subplots(figsize=(9, 4.5))
         ax.plot(steps, [r["ce"] for r in self.history], lw=1.2, label="next-token CE")
-        if any("mtp" in r for r in self.history):
-            ax.plot([r["step"] for r in self.history if "mtp" in r],
-                    [r["mtp"] for r in self.history if "mtp" in r], lw=0.8, alpha=0.6, label="MTP CE")
+        if any("mtp" in r for r in self.history):  # gaps where MTP is off (indexer warm-up)
+            ax.plot(steps, [r.get("mtp", float("nan")) for r in self.history], lw=0.8, alpha=0.6, label="MTP CE")
         start = 0
         top = ax.get_ylim()[1]
         for i, st in enumerate(self.cfg.curriculum):

@@ -35,5 +35,6 @@ def test_torchtrainer_run_survives_a_worker_failure(local_ray, tmp_path):
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(7))  # resumed from the step-3 checkpoint, nothing twice
     assert ckpt.checkpoint_step(ckpt.latest_checkpoint(run_dir / "checkpoints")) == 7
-    assert summary["checkpoint"] is not None and summary["final_metrics"]["step"] == 6
+    assert summary["checkpoint"].endswith("step-00000007") and summary["steps"] == 7
+    assert summary["final_metrics"]["step"] == 6
     assert (run_dir / "loss.png").is_file() and (run_dir / "run_info.json").is_file()
