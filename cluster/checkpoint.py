@@ -66,6 +66,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from model.hf_io import fsync_path
+
 MANIFEST = "MANIFEST.json"
 META = "meta.json"
 GOOD = "GOOD"
@@ -135,12 +137,7 @@ def _check_step(step: Any) -> None:
 
 
 # ------------------------------------------------------------------ filesystem
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+_fsync_dir = fsync_path
 
 
 def _write_bytes(path: Path, data: bytes) -> None:
@@ -168,12 +165,7 @@ def _hash_file(path: Path) -> tuple[int, str]:
     return size, h.hexdigest()
 
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+_fsync_file = fsync_path
 
 
 def _remove_tree(path: Path) -> None:

@@ -193,7 +193,8 @@ _OWN_FILES = re.compile(r"^(config\.json|model\.safetensors|model\.safetensors\.
                         r"model-\d{5}-of-\d{5}\.safetensors)$")
 
 
-def _fsync(path: Path) -> None:
+def fsync_path(path: str | os.PathLike) -> None:
+    """fsync a file or a directory (a directory after renames in it), so the change is durable."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -262,9 +263,9 @@ def save_hf(model: Transformer, path: str | os.PathLike, *, max_shard_bytes: int
                     shutil.copy2(f, tmp / f.name)
         for f in tmp.iterdir():
             os.chmod(f, 0o644)
-            _fsync(f)
+            fsync_path(f)
         os.chmod(tmp, 0o755)
-        _fsync(tmp)
+        fsync_path(tmp)
         if out.exists():
             old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
             os.replace(out, old / "ckpt")
@@ -272,7 +273,7 @@ def save_hf(model: Transformer, path: str | os.PathLike, *, max_shard_bytes: int
             shutil.rmtree(old)
         else:
             os.replace(tmp, out)
-        _fsync(out.parent)
+        fsync_path(out.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
