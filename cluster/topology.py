@@ -89,21 +89,9 @@ class Topology:
 
 def load_topology(source: str | Path | dict) -> Topology:
     """Parse and validate a topology (YAML path or dict). Raises ValueError naming the problem."""
-    if isinstance(source, dict):
-        data, where = dict(source), "topology"
-    else:
-        import yaml
+    from cluster.train_config import read_mapping
 
-        p = Path(source)
-        if not p.is_file():
-            raise ValueError(f"topology file {p} does not exist")
-        try:
-            data = yaml.safe_load(p.read_text())
-        except (yaml.YAMLError, UnicodeDecodeError) as e:
-            raise ValueError(f"{p}: not valid YAML: {e}") from None
-        where = str(p)
-    if not isinstance(data, dict):
-        raise ValueError(f"{where}: expected a mapping")
+    data, where = read_mapping(source, "topology")
     allowed = {"racks", "pipeline_stages", "expert_parallel", "placement", "cpus_per_actor"}
     unknown = sorted(set(data) - allowed)
     if unknown:

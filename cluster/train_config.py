@@ -215,27 +215,35 @@ def _validate(cfg: TrainConfig) -> None:
     ModelArgs.from_dict(model, source="model")  # raises ValueError naming the bad key
 
 
+def read_mapping(source: str | Path | dict, what: str) -> tuple[dict, str]:
+    """A YAML file (``yaml.safe_load``) or a dict -> ``(mapping, name for messages)``.
+
+    Raises:
+        ValueError: missing file, invalid YAML, or not a mapping at the top level.
+    """
+    if isinstance(source, dict):
+        return dict(source), what
+    import yaml
+
+    p = Path(source)
+    if not p.is_file():
+        raise ValueError(f"{what} {p} does not exist or is not a file")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ValueError(f"{p}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{p}: expected a mapping at the top level")
+    return data, str(p)
+
+
 def load_train_config(path_or_dict: str | Path | dict, **overrides: Any) -> TrainConfig:
     """Load and validate a training YAML (or dict). ``overrides``: top-level keys to replace.
 
     Raises:
         ValueError: unreadable file, unknown keys, wrong types or inconsistent values.
     """
-    if isinstance(path_or_dict, dict):
-        data, where = dict(path_or_dict), "config"
-    else:
-        import yaml
-
-        p = Path(path_or_dict)
-        if not p.is_file():
-            raise ValueError(f"training config {p} does not exist or is not a file")
-        try:
-            data = yaml.safe_load(p.read_text())
-        except (yaml.YAMLError, UnicodeDecodeError) as e:
-            raise ValueError(f"{p}: not valid YAML: {e}") from None
-        where = str(p)
-        if not isinstance(data, dict):
-            raise ValueError(f"{p}: expected a mapping at the top level")
+    data, where = read_mapping(path_or_dict, "training config")
     data.update({k: v for k, v in overrides.items() if v is not None})
     try:
         cfg = _build(TrainConfig, data, "")

@@ -314,7 +314,7 @@ class ModelArgs:
         except OSError as e:
             raise ValueError(f"cannot read model config {p}: {e.strerror or e}") from None
         try:
-            data = yaml.load(text, Loader=_yaml_loader())
+            data = yaml.load(text, Loader=_yaml_loader())  # a yaml.SafeLoader subclass: no object tags
         except yaml.YAMLError as e:
             raise ValueError(f"{p}: not valid YAML: {_yaml_error_line(e)}") from None
         if isinstance(data, dict) and set(data) == {"model"}:

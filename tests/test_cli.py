@@ -188,11 +188,6 @@ def test_byte_tokens():
 
 
 def test_demo_runs(repo_root):
-    pytest.importorskip("torch")
-    try:
-        from model import Transformer  # noqa: F401
-    except ImportError:
-        pytest.skip("model.Transformer not implemented yet")
     r = tide(repo_root, "demo", "--tokens", "256", "--new-tokens", "4", timeout=600)
     assert r.returncode == 0, r.stderr
     for field in ("loss", "prefill", "decode", "params total / active", "decode state"):
