@@ -343,16 +343,11 @@ def build_parser() -> argparse.ArgumentParser:
                       help="tokens to generate greedily; default: %(default)s")
     demo.set_defaults(func=cmd_demo)
 
-    tr = sub.add_parser(
+    from cluster import train as _train
+
+    tr = _train.add_arguments(sub.add_parser(
         "train", help="train with a curriculum YAML under Ray Train (embedded local cluster unless one runs)",
-        description="Train a DeepSeek-V4-style model with the curriculum in CONFIG under Ray Train. Joins a "
-        "running Ray cluster (RAY_ADDRESS or a local `ray start --head`), else starts an embedded one. "
-        "Re-running with the same --name resumes from the last committed checkpoint. Writes "
-        "<storage_path>/<name>/{metrics.jsonl, loss.png, checkpoints/, run_info.json}.")
-    tr.add_argument("config", help="training YAML, e.g. configs/debug.yaml")
-    tr.add_argument("--name", help="run name (overrides the config)")
-    tr.add_argument("--storage-path", help="directory holding runs (overrides the config)")
-    tr.add_argument("--address", help="Ray address to join (default: RAY_ADDRESS, a local head, or embedded)")
+        description=_train.DESCRIPTION))
     ex = sub.add_parser(
         "export", help="export a training checkpoint as an HF-format directory (model.save_hf)",
         description="Verify a training checkpoint (sha256 manifest) and write its model as a directory that "

@@ -129,16 +129,23 @@ def run(config_path: str, *, name: str | None = None, storage_path: str | None =
     return summary
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="tide train", description="Train a DeepSeek-V4-style model with the curriculum in CONFIG under Ray "
-        "Train (joins a running Ray cluster, else starts an embedded one). Re-running with the same name resumes "
-        "from the last committed checkpoint.")
-    p.add_argument("config", help="training YAML (see configs/debug.yaml)")
+DESCRIPTION = ("Train a DeepSeek-V4-style model with the curriculum in CONFIG under Ray Train. Joins a running Ray "
+               "cluster (RAY_ADDRESS or a local `ray start --head`), else starts an embedded one. Re-running with "
+               "the same --name resumes from the last committed checkpoint. Writes "
+               "<storage_path>/<name>/{metrics.jsonl, loss.png, checkpoints/, run_info.json}.")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The options of ``tide train`` / ``python -m cluster.train`` (one definition for both)."""
+    p.add_argument("config", help="training YAML, e.g. configs/debug.yaml")
     p.add_argument("--name", help="run name (overrides the config's `name`)")
     p.add_argument("--storage-path", help="directory holding runs (overrides `storage_path`)")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, a local head, or embedded)")
     return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    return add_arguments(argparse.ArgumentParser(prog="tide train", description=DESCRIPTION))
 
 
 def main(argv: list[str] | None = None) -> int:

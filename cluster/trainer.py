@@ -133,7 +133,8 @@ class Trainer:
         self.loader = TokenLoader(self.stream, st0.seq_len, sequences_per_batch(st0.batch_tokens, st0.seq_len),
                                   seed=cfg.seed)
         self.stage_index = -1
-        ckpt.cleanup_debris(self.ckpt_root) if self.ckpt_root.exists() else None
+        if self.ckpt_root.exists():
+            ckpt.cleanup_debris(self.ckpt_root)  # .tmp-* left by a crash mid-save
         src = self.resume_from or ckpt.latest_checkpoint(self.ckpt_root)
         if src is not None:
             self.restore(Path(src))
