@@ -94,20 +94,30 @@ class Experts(nn.Module):
         order = torch.argsort(flat_e, stable=True)
         token_of = order // K
         counts = torch.bincount(flat_e, minlength=self.gate_up_proj.shape[0]).tolist()
-        x_sorted = x_ND[token_of]
         w_sorted = weights_NK.reshape(-1)[order].to(x_ND.dtype)
+        y = self.grouped(x_ND[token_of], counts, self.gate_up_proj, self.down_proj) * w_sorted.unsqueeze(-1)
+        return torch.zeros_like(x_ND).index_add_(0, token_of, y)
+
+    def grouped(self, x_sorted: torch.Tensor, counts: list[int], gate_up: torch.Tensor,
+                down: torch.Tensor) -> torch.Tensor:
+        """Unweighted expert outputs for rows grouped by expert (grouped-GEMM layout).
+
+        ``x_sorted [R, D]``: ``counts[e]`` consecutive rows for local expert ``e``
+        (``sum(counts) == R``); ``gate_up [E', 2I, D]``, ``down [E', D, I]`` the weights
+        to use (this module's, or detached copies in the expert-parallel backward).
+        Returns ``[R, D]`` in the same row order.
+        """
         outs = []
         start = 0
         for e, c in enumerate(counts):
             if c == 0:
                 continue
             xs = x_sorted[start:start + c]
-            gate, up = F.linear(xs, self.gate_up_proj[e]).chunk(2, dim=-1)
+            gate, up = F.linear(xs, gate_up[e]).chunk(2, dim=-1)
             h = F.silu(gate.clamp(max=self.limit)).mul_(up.clamp(min=-self.limit, max=self.limit))
-            outs.append(F.linear(h, self.down_proj[e]))
+            outs.append(F.linear(h, down[e]))
             start += c
-        y = torch.cat(outs, dim=0) * w_sorted.unsqueeze(-1) if outs else x_sorted[:0]
-        return torch.zeros_like(x_ND).index_add_(0, token_of, y)
+        return torch.cat(outs, dim=0) if outs else x_sorted[:0]
 
 
 class SharedExpert(nn.Module):
@@ -135,7 +145,13 @@ class MoE(nn.Module):
 
     Anticipatory routing (SPEC section 7): set ``forced_indices [N,K]`` to make the
     next call use routing indices computed earlier (with older parameters); it is
-    consumed by that call."""
+    consumed by that call.
+
+    Expert parallelism: set ``expert_parallel`` to a callable ``(x [N,D], indices
+    [N,K] global expert ids, weights [N,K], experts) -> [N,D]`` (e.g.
+    ``comm.expert_parallel.ExpertParallel``) and give ``experts`` only this shard's
+    experts; the routed computation is delegated to it (dispatch / combine across
+    the expert-parallel group). ``None`` (default): all experts are local."""
 
     def __init__(self, args: ModelArgs, hashed: bool):
         super().__init__()
@@ -148,6 +164,7 @@ class MoE(nn.Module):
         self.last_scores: torch.Tensor | None = None
         self.last_indices: torch.Tensor | None = None
         self.forced_indices: torch.Tensor | None = None
+        self.expert_parallel = None
 
     def forward(self, x_BSD: torch.Tensor, input_ids: torch.Tensor | None = None) -> torch.Tensor:
         B, S, D = x_BSD.shape
@@ -158,7 +175,10 @@ class MoE(nn.Module):
             raise ValueError(f"forced routing has {forced.shape[0]} rows for {flat.shape[0]} tokens")
         scores, weights, indices = self.gate(flat, ids, forced)
         self.last_scores, self.last_indices = scores, indices
-        out = self.experts(flat, indices, weights).view(B, S, D)
+        if self.expert_parallel is not None:
+            out = self.expert_parallel(flat, indices, weights, self.experts).view(B, S, D)
+        else:
+            out = self.experts(flat, indices, weights).view(B, S, D)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x_BSD)
         return out
