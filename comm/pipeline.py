@@ -81,7 +81,7 @@ class PipelineRunner:
         self.stage, self.mesh = stage, mesh
         self.M, self.W = microbatches, waves
         self.actions = SCHEDULES[schedule](mesh.num_stages, microbatches)[mesh.stage]
-        self.tracer = tracer or Tracer(mesh.rank, enabled=False)
+        self.tracer = tracer if tracer is not None else Tracer(mesh.rank, enabled=False)
         self.links = PipeLinks(mesh, link, self.tracer)
         self.a2a = CommThread("a2a", link, self.tracer)
         n_local = stage.expert_hi - stage.expert_lo

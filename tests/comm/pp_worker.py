@@ -27,7 +27,7 @@ SEQ = 64
 ADAM_EPS = 1e-8
 
 
-def test_args() -> ModelArgs:
+def debug_args() -> ModelArgs:
     return ModelArgs.flavor("debug", index_n_heads=8)
 
 
@@ -68,7 +68,7 @@ def _max_err(stage: PipelineStage, ref: dict[str, torch.Tensor], attr: str) -> t
 def run(rank: int, world: int, P: int, E: int, M: int, jobs: list[tuple[str, list[int], int]],
         out_dir: str) -> None:
     """``jobs``: ``(attention mode, waves to try, optimizer steps)``; B = E * M * max(waves) sequences."""
-    args = test_args()
+    args = debug_args()
     graph = build_graph(Topology(racks=["r0", "r1"], pipeline_stages=P, expert_parallel=E),
                         args.num_hidden_layers, args.n_routed_experts)
     mesh = build_mesh(graph, rank, tied_embedding=args.num_nextn_predict_layers > 0)

@@ -1,0 +1,174 @@
+"""``StageWorker``: the actor that owns one pipeline stage's expert shard (issue 4).
+
+One actor per (stage, expert shard) of the ``ActorGraph``. It holds its layer
+slice (embedding on the first stage, head + MTP on the last), its share of every
+MoE layer's experts, its optimizer state (Muon + AdamW over exactly those
+parameters) and -- for serving, next issue -- its decode state. Logic lives in
+``model.stage`` (what the stage computes) and ``comm`` (how stages talk); this
+class wires them together and exposes coarse methods the driver calls on all
+actors at once (``actors.group.StageGroup``).
+
+The class is plain Python: Ray wraps it (``ray.remote(StageWorker)``) and tests
+can also drive it in-process.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import torch
+import torch.distributed as dist
+
+from comm.link_model import LinkModel
+from comm.pipeline import PipelineRunner
+from comm.trace import Tracer
+from comm.transport import build_mesh
+from model import ModelArgs, Transformer
+from model import optim as optim_lib
+from model.optim import CombinedOptimizer, OptimConfig
+from model.stage import PipelineStage, is_expert_param
+from model.training import LossConfig, set_attention_mode
+
+OPTIM_PREFIX = "optim/"
+
+
+class StageWorker:
+    """One (stage, expert shard) of the actor graph.
+
+    Args:
+        graph: the ``cluster.topology.ActorGraph``.
+        rank: this actor's rank in it (``ActorSpec.rank``).
+        model_args: ``ModelArgs.to_dict()`` of the model.
+        seed: initial weights are the single-process model's for this seed (every
+            actor builds the same full model and keeps its slice; checkpoints
+            replace them).
+        microbatches, waves, expert_waves, schedule: see ``comm.pipeline.PipelineRunner``.
+        link: link-model dict (``LinkModel.to_dict()`` form) to shape transfers, or None (off).
+        trace: record a timeline (``trace_events``).
+        optim: ``OptimConfig`` fields.
+    """
+
+    def __init__(self, graph, rank: int, model_args: dict, *, seed: int = 0, microbatches: int = 1,
+                 waves: int = 1, expert_waves: int | None = None, schedule: str = "1f1b",
+                 link: dict | None = None, trace: bool = False, optim: dict | None = None):
+        self.graph, self.rank = graph, rank
+        self.spec = next(a for a in graph.actors if a.rank == rank)
+        self.args = ModelArgs.from_dict(model_args, source="model_args")
+        self.seed = seed
+        self.run_opts = dict(microbatches=microbatches, waves=waves, expert_waves=expert_waves, schedule=schedule)
+        self.link = LinkModel.from_dict(link, enabled=True) if link else LinkModel()
+        self.tracer = Tracer(rank, f"stage {self.spec.stage} / shard {self.spec.ep_rank} ({self.spec.rack})",
+                             enabled=trace)
+        self.optim_cfg = OptimConfig(**(optim or {}))
+        self.stage: PipelineStage | None = None
+
+    # ------------------------------------------------------------ placement
+    def placement(self) -> dict:
+        """Where this actor runs: node id, node labels (``rack``), host, pid."""
+        import ray
+
+        ctx = ray.get_runtime_context()
+        labels = dict(ctx.get_node_labels() or {})
+        return {"rank": self.rank, "stage": self.spec.stage, "ep_rank": self.spec.ep_rank,
+                "expected_rack": self.spec.rack, "rack": labels.get("rack"), "node_id": ctx.get_node_id(),
+                "host": socket.gethostname(), "pid": os.getpid()}
+
+    def master_address(self) -> tuple[str, int]:
+        """An address for the TCP store (called on rank 0): this node's IP and a free port."""
+        import ray
+
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        return ray.util.get_node_ip_address(), port
+
+    # ---------------------------------------------------------------- setup
+    def setup(self, master_addr: str, master_port: int, backend: str = "gloo", timeout_s: float = 300.0) -> dict:
+        """Join the process group, create the mesh's groups, build the stage, runner and optimizer."""
+        import datetime
+
+        dist.init_process_group(backend, init_method=f"tcp://{master_addr}:{master_port}", rank=self.rank,
+                                world_size=len(self.graph.actors), timeout=datetime.timedelta(seconds=timeout_s))
+        self.mesh = build_mesh(self.graph, self.rank, tied_embedding=self.args.num_nextn_predict_layers > 0)
+        lo, hi = self.graph.layer_slices[self.spec.stage]
+        torch.manual_seed(self.seed)
+        full = Transformer(self.args)
+        self.stage = PipelineStage.from_model(full, lo, hi, lo == 0, hi == self.args.num_hidden_layers,
+                                              self.spec.ep_rank, self.mesh.ep_size)
+        del full
+        self.stage.train()
+        self.runner = PipelineRunner(self.stage, self.mesh, link=self.link, tracer=self.tracer, **self.run_opts)
+        self.optimizer = CombinedOptimizer(self.stage, self.optim_cfg)
+        return {"rank": self.rank, "layers": [lo, hi], "experts": [self.stage.expert_lo, self.stage.expert_hi],
+                "params": sum(p.numel() for p in self.stage.parameters())}
+
+    def set_attention_mode(self, mode: str) -> None:
+        set_attention_mode(self.stage, mode)
+
+    # ----------------------------------------------------------------- train
+    def forward_backward(self, batch: dict, loss_cfg: dict, max_grad_norm: float | None) -> dict:
+        """Zero grads, run the step's pipeline forward/backward, clip. Returns global metrics + ``grad_norm``."""
+        self.optimizer.zero_grad()
+        metrics = self.runner.forward_backward(batch, LossConfig(**loss_cfg))
+        metrics["grad_norm"] = self.runner.clip_grad_norm(max_grad_norm)
+        return metrics
+
+    def apply(self, lr: float, bias_speed: float | None) -> dict:
+        """Optimizer step at ``lr``, then the router-bias update (``bias_speed`` None: skip). Returns load CVs."""
+        self.optimizer.set_lr(lr)
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        if bias_speed is None:
+            return {}
+        cv = self.runner.update_router_biases(bias_speed)
+        out: list = [None] * self.mesh.world  # every stage's CVs, so any actor reports the whole model's
+        dist.all_gather_object(out, cv)
+        return {k: v for d in out for k, v in d.items()}
+
+    def discard(self) -> None:
+        """Drop the step's gradients (a detected loss spike)."""
+        self.optimizer.zero_grad()
+
+    # ----------------------------------------------------------- inspection
+    def grads(self) -> dict[str, torch.Tensor]:
+        """Current gradients by parameter name (tests compare them with the single-process model)."""
+        return {n: p.grad.clone() for n, p in self.stage.named_parameters() if p.grad is not None}
+
+    def shard_info(self) -> dict:
+        return {"stage": self.spec.stage, "ep_rank": self.spec.ep_rank, "expert_lo": self.stage.expert_lo,
+                "expert_hi": self.stage.expert_hi, "layers": list(self.graph.layer_slices[self.spec.stage])}
+
+    # ----------------------------------------------------------- checkpoint
+    def state(self) -> dict[str, torch.Tensor]:
+        """Model tensors by name plus optimizer state under ``optim/<param>::<key>``."""
+        out = {n: t.detach().clone() for n, t in self.stage.state_dict().items()}
+        out.update({OPTIM_PREFIX + k: v for k, v in optim_lib.optimizer_state_by_name(self.optimizer).items()})
+        return out
+
+    def load_state(self, full_model: dict[str, torch.Tensor], full_optim: dict[str, torch.Tensor]) -> None:
+        """Load this shard's part of full-model tensors and optimizer state (any source layout)."""
+        self.stage.load_state_dict(self.stage.shard_state_dict(full_model))
+        names = {n for n, _ in self.stage.named_parameters()}
+        mine = {}
+        for key, t in full_optim.items():
+            name = key.split("::", 1)[0]
+            if name in names:
+                mine[key] = t[self.stage.expert_lo:self.stage.expert_hi] if is_expert_param(name) and t.dim() else t
+        optim_lib.load_optimizer_state_by_name(self.optimizer, mine)
+
+    # ---------------------------------------------------------------- trace
+    def trace_events(self, clear: bool = True) -> list[dict]:
+        ev = self.tracer.events()
+        if clear:
+            self.tracer.clear()
+        return ev
+
+    def set_trace(self, enabled: bool) -> None:
+        self.tracer.enabled = enabled
+
+    def shutdown(self) -> None:
+        if self.stage is not None:
+            self.runner.close()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
