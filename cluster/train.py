@@ -95,6 +95,8 @@ def run(config_path: str, *, name: str | None = None, storage_path: str | None =
         cfg.data.tokenizer = str(Path(cfg.data.tokenizer).expanduser().resolve())
         if not Path(cfg.data.tokenizer).is_file():
             raise ValueError(f"data.tokenizer {cfg.data.tokenizer} does not exist")
+    if cfg.parallel is not None:
+        return run_pipeline(cfg, address)
     data = cfg.to_dict()
     mode = init_ray(address)
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -126,6 +128,65 @@ def run(config_path: str, *, name: str | None = None, storage_path: str | None =
                "final_metrics": metrics, "checkpoint": str(latest) if latest else None,
                "ray_checkpoint": result.checkpoint.path if result.checkpoint else None,
                "loss_png": str(run_dir / "loss.png"), "metrics_jsonl": str(run_dir / "metrics.jsonl")}
+    return summary
+
+
+def run_pipeline(cfg, address: str | None = None, *, progress: str = "bar") -> dict:
+    """A run with a ``parallel`` section: this process drives the stage actors (``PipelineTrainer``).
+
+    Joins a running cluster whose nodes carry ``rack`` labels, or -- with none to
+    join and ``parallel.local_racks`` -- starts one local labelled raylet per rack.
+    A stage actor that dies (node loss, OOM) restarts the whole actor graph from the
+    last committed checkpoint, up to ``ray.max_failures`` times.
+    """
+    import ray
+    from ray.exceptions import RayActorError
+
+    from cluster.pipeline_trainer import PipelineTrainer
+    from cluster.topology import build_graph, load_topology
+
+    local = None
+    if not ray.is_initialized():
+        try:
+            ray.init(address=address or os.environ.get("RAY_ADDRESS") or "auto", log_to_driver=True)
+            mode = "joined"
+        except ConnectionError:
+            if address or not cfg.parallel.local_racks:
+                raise
+            from cluster.local_racks import start_local_racks
+            from cluster.train_config import model_args_for
+
+            args = model_args_for(cfg, cfg.data.vocab_size)
+            graph = build_graph(load_topology(cfg.parallel.topology), args.num_hidden_layers, args.n_routed_experts)
+            need: dict[str, float] = {}
+            for a in graph.actors:
+                need[a.rack] = need.get(a.rack, 0) + graph.cpus_per_actor
+            local = start_local_racks(need)
+            mode = f"embedded ({len(need)} simulated racks: " + ", ".join(f"{r}={c:g} CPU" for r, c in need.items()) + ")"
+    else:
+        mode = "joined"
+    print(f"tide: {mode} Ray cluster; pipeline run '{cfg.name}' in {cfg.run_dir()} "
+          f"({len(cfg.curriculum)} stages, {cfg.total_steps} steps)", flush=True)
+    try:
+        for attempt in range(cfg.ray.max_failures + 1):
+            trainer = PipelineTrainer(cfg, progress=progress)
+            try:
+                summary = trainer.run()
+                break
+            except RayActorError as e:
+                if attempt == cfg.ray.max_failures:
+                    raise RuntimeError(f"pipeline run '{cfg.name}' failed after {attempt + 1} attempts: {e}") from e
+                print(f"tide: a stage actor died ({type(e).__name__}); restarting the actor graph from the last "
+                      f"checkpoint (attempt {attempt + 2} of {cfg.ray.max_failures + 1})", flush=True)
+            finally:
+                trainer.shutdown()
+    finally:
+        if local is not None:
+            ray.shutdown()
+            local.shutdown()
+    run_dir = cfg.run_dir()
+    summary.update(checkpoint=summary.get("latest_checkpoint"), loss_png=str(run_dir / "loss.png"),
+                   metrics_jsonl=str(run_dir / "metrics.jsonl"))
     return summary
 
 

@@ -24,6 +24,7 @@ types and out-of-range values are ``ValueError``s naming the key path.
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,6 +108,31 @@ class RaySection:
 
 
 @dataclass
+class ParallelSection:
+    """Pipeline stages x expert shards over racks (issue 4). Without this section a run is one process.
+
+    ``topology``: a topology mapping or YAML path (``cluster.topology``: racks,
+    pipeline_stages, expert_parallel, placement, cpus_per_actor). Each step's batch
+    is split over the expert shards, then into ``microbatches`` (1F1B), each
+    streamed between stages in ``waves``; ``expert_waves`` (default ``waves``)
+    pipelines each MoE's dispatch / compute / combine. ``link_model``: None (off),
+    ``"default"`` (built-in intra/inter-rack classes) or a calibration file.
+    ``trace_steps``: write a Chrome trace + timeline PNG of that many steps (from
+    the second step). ``local_racks``: with no cluster to join, start one labelled
+    raylet per rack.
+    """
+
+    topology: dict[str, Any] | str
+    microbatches: int = 1
+    waves: int = 1
+    expert_waves: int | None = None
+    schedule: str = "1f1b"
+    link_model: str | None = None
+    trace_steps: int = 0
+    local_racks: bool = True
+
+
+@dataclass
 class TrainConfig:
     curriculum: list[Stage]
     name: str = "tide-run"
@@ -120,6 +146,7 @@ class TrainConfig:
     spike: SpikeSection = field(default_factory=SpikeSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     ray: RaySection = field(default_factory=RaySection)
+    parallel: ParallelSection | None = None
     # testing hooks: raise inside the worker at this global step (first attempt only);
     # replace the batch of this step by uniformly random tokens (a corrupted batch -> loss spike)
     fail_at_step: int | None = None
@@ -161,7 +188,11 @@ def _build(cls, data: Any, where: str):
             continue
         value, hint = data[f.name], hints[f.name]
         key = f"{where}.{f.name}" if where else f.name
-        if dataclasses.is_dataclass(hint):
+        opt = [a for a in typing.get_args(hint) if a is not type(None)]
+        if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(opt) == 1 \
+                and dataclasses.is_dataclass(opt[0]):
+            value = None if value is None else _build(opt[0], value, key)
+        elif dataclasses.is_dataclass(hint):
             value = _build(hint, value, key)
         elif typing.get_origin(hint) is list and dataclasses.is_dataclass(typing.get_args(hint)[0]):
             if not isinstance(value, list):
@@ -203,8 +234,10 @@ def _validate(cfg: TrainConfig) -> None:
     if cfg.spike.factor <= 1 or not 0 < cfg.spike.ema_beta < 1 or cfg.spike.delta < 1:
         raise ValueError("spike: factor must be > 1, ema_beta in (0, 1), delta >= 1")
     if cfg.ray.num_workers != 1:
-        raise ValueError("ray.num_workers must be 1: this trainer is single-stage (one worker holds the whole "
-                         "model); pipeline stages across racks come with the actor graph")
+        raise ValueError("ray.num_workers must be 1: a run without a `parallel` section is one process holding the "
+                         "whole model; for pipeline stages and expert shards across racks add a `parallel` section")
+    if cfg.parallel is not None:
+        _validate_parallel(cfg)
     if not cfg.name or "/" in cfg.name:
         raise ValueError(f"name must be a non-empty run name without '/', got {cfg.name!r}")
     from model import ModelArgs
@@ -212,7 +245,41 @@ def _validate(cfg: TrainConfig) -> None:
     model = dict(cfg.model)
     model.setdefault("flavor", "debug")
     model["vocab_size"] = cfg.data.vocab_size
-    ModelArgs.from_dict(model, source="model")  # raises ValueError naming the bad key
+    args = ModelArgs.from_dict(model, source="model")  # raises ValueError naming the bad key
+    if cfg.parallel is not None:
+        from .topology import build_graph, load_topology
+
+        try:
+            build_graph(load_topology(cfg.parallel.topology), args.num_hidden_layers, args.n_routed_experts)
+        except ValueError as e:
+            raise ValueError(f"parallel.topology: {e}") from None
+
+
+def _validate_parallel(cfg: TrainConfig) -> None:
+    from comm.pipeline import SCHEDULES
+
+    from .data import sequences_per_batch
+    from .topology import load_topology
+
+    par = cfg.parallel
+    topo = load_topology(par.topology)
+    E = topo.expert_parallel
+    if par.microbatches < 1 or par.waves < 1 or (par.expert_waves is not None and par.expert_waves < 1):
+        raise ValueError("parallel: microbatches, waves and expert_waves must be >= 1")
+    if par.schedule not in SCHEDULES:
+        raise ValueError(f"parallel.schedule must be one of {sorted(SCHEDULES)}, got {par.schedule!r}")
+    if par.trace_steps < 0:
+        raise ValueError("parallel.trace_steps must be >= 0")
+    if par.link_model not in (None, "default") and not Path(par.link_model).is_file():
+        raise ValueError(f"parallel.link_model must be null, 'default' or a calibration file; "
+                         f"{par.link_model} does not exist")
+    for i, st in enumerate(cfg.curriculum):
+        B = sequences_per_batch(st.batch_tokens, st.seq_len)
+        per = E * par.microbatches
+        if B % per or B // per < par.waves:
+            raise ValueError(f"curriculum[{i}] ({st.name}): {B} sequences per step (batch_tokens / seq_len) must "
+                             f"split into expert_parallel ({E}) x microbatches ({par.microbatches}) microbatches of "
+                             f">= waves ({par.waves}) sequences each")
 
 
 def read_mapping(source: str | Path | dict, what: str) -> tuple[dict, str]:

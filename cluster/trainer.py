@@ -119,16 +119,13 @@ class Trainer:
             tokenizer_path=cfg.data.tokenizer, max_bytes=cfg.data.max_bytes, text_field=cfg.data.text_field)
         self.tokenizer.save(str(self.run_dir / "tokenizer.json"))  # served / exported with the checkpoints
         self.args = model_args_for(cfg, cfg.data.vocab_size)
-        torch.manual_seed(cfg.seed)
-        self.model = Transformer(self.args)
-        self.model.train()
         total = cfg.total_steps
         o = cfg.optim
         self.optim_cfg = OptimConfig(lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
                                      muon_momentum=o.muon_momentum, update_rms=o.update_rms,
                                      warmup_steps=o.warmup_steps, decay_start=int(o.decay_start_frac * total),
                                      total_steps=total, use_muon=o.muon)
-        self.optimizer = CombinedOptimizer(self.model, self.optim_cfg)
+        self._build()
         _, st0, _ = cfg.stage_at(0)
         self.loader = TokenLoader(self.stream, st0.seq_len, sequences_per_batch(st0.batch_tokens, st0.seq_len),
                                   seed=cfg.seed)
@@ -142,6 +139,13 @@ class Trainer:
         else:
             self._truncate_metrics(0)
             self.save(good=True)  # step 0: the rollback target of last resort
+
+    def _build(self) -> None:
+        """Create the model and optimizer (one process; ``PipelineTrainer`` starts stage actors instead)."""
+        torch.manual_seed(self.cfg.seed)
+        self.model = Transformer(self.args)
+        self.model.train()
+        self.optimizer = CombinedOptimizer(self.model, self.optim_cfg)
 
     # ------------------------------------------------------------- checkpoint
     def _state(self) -> tuple[dict, dict]:
@@ -236,7 +240,7 @@ class Trainer:
         idx, stage, start = self.cfg.stage_at(self.step)
         if idx != self.stage_index:
             self.stage_index = idx
-            set_attention_mode(self.model, stage.attention)
+            self._set_mode(stage.attention)
             bs = sequences_per_batch(stage.batch_tokens, stage.seq_len)
             if (self.loader.seq_len, self.loader.batch_size) != (stage.seq_len, bs):
                 self.loader.set_shape(stage.seq_len, bs)
@@ -245,6 +249,9 @@ class Trainer:
             self.log(f"stage {idx} '{stage.name}': seq_len {stage.seq_len}, {bs} seq/step, "
                      f"attention {stage.attention}, steps {start}..{start + stage.num_steps() - 1}")
         return stage, start
+
+    def _set_mode(self, mode: str) -> None:
+        set_attention_mode(self.model, mode)
 
     def _routed_moes(self) -> list[MoE]:
         return [blk.mlp for blk in self.model.layers if not blk.mlp.gate.hashed]
@@ -289,19 +296,10 @@ class Trainer:
         """One optimisation step on ``batch``; returns its metrics (see ``metrics.jsonl``)."""
         cfg = self.cfg
         lr = lr_at(self.step, self.optim_cfg, stage.lr_mult)
-        self.optimizer.set_lr(lr)
         decaying = self.step >= (self.optim_cfg.decay_start or 1 << 62)
         mtp_w = min(stage.mtp_weight, cfg.optim.mtp_weight_after_decay) if decaying else stage.mtp_weight
-        if forced is not None:
-            for m, idx in zip(self._routed_moes(), forced):
-                m.forced_indices = idx
-        loss, metrics = compute_losses(self.model, batch, LossConfig(
-            mode=stage.attention, mtp_weight=mtp_w, balance_weight=cfg.balance.sequence_weight))
-        self.optimizer.zero_grad()
-        loss.backward()
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        clip = cfg.optim.grad_clip or float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip)) if params else 0.0
+        loss_cfg = LossConfig(mode=stage.attention, mtp_weight=mtp_w, balance_weight=cfg.balance.sequence_weight)
+        metrics, grad_norm = self._forward_backward(batch, loss_cfg, forced, cfg.optim.grad_clip)
         watched = metrics.get("indexer_kl", 0.0) if stage.attention == "indexer_warmup" else metrics["ce"]
         spike = self._is_spike(watched, grad_norm) if stage.attention != "indexer_warmup" else \
             not math.isfinite(watched)
@@ -309,7 +307,7 @@ class Trainer:
                "attention": stage.attention, "lr": lr, "grad_norm": grad_norm, **metrics,
                "tokens": int(batch["input_ids"].numel()), "anticipatory_routing": forced is not None}
         if spike:
-            self.optimizer.zero_grad()
+            self._discard()
             self.spikes.append(self.step)
             good = self._rollback()
             row.update(spike=True, rolled_back_to=str(good) if good else None)
@@ -317,10 +315,9 @@ class Trainer:
                      f"rolled back to {good.name if good else 'nothing'}; anticipatory routing on for "
                      f"{self.ar_remaining} steps")
         else:
-            self.optimizer.step()
-            self.optimizer.zero_grad()
+            cv = self._apply_update(lr, cfg.balance.bias_update_speed if stage.attention != "indexer_warmup"
+                                    else None)
             if stage.attention != "indexer_warmup":
-                cv = update_router_biases(self.model, cfg.balance.bias_update_speed)
                 if cv:
                     row["load_cv_mean"] = sum(cv.values()) / len(cv)
                     row["load_cv_max"] = max(cv.values())
@@ -331,6 +328,30 @@ class Trainer:
             if forced is not None:
                 self.ar_remaining -= 1
         return row
+
+    # ------------------------------------------------ step pieces (overridable)
+    def _forward_backward(self, batch: dict, loss_cfg: LossConfig, forced: list[torch.Tensor] | None,
+                          clip: float | None) -> tuple[dict, float]:
+        """Losses and clipped gradients of ``batch``; returns ``(metrics, grad_norm before clipping)``."""
+        if forced is not None:
+            for m, idx in zip(self._routed_moes(), forced):
+                m.forced_indices = idx
+        loss, metrics = compute_losses(self.model, batch, loss_cfg)
+        self.optimizer.zero_grad()
+        loss.backward()
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip or float("inf"))) if params else 0.0
+        return metrics, grad_norm
+
+    def _apply_update(self, lr: float, bias_speed: float | None) -> dict[str, float]:
+        """Optimizer step at ``lr``, then the aux-loss-free bias update unless ``bias_speed`` is None."""
+        self.optimizer.set_lr(lr)
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        return update_router_biases(self.model, bias_speed) if bias_speed is not None else {}
+
+    def _discard(self) -> None:
+        self.optimizer.zero_grad()
 
     # ------------------------------------------------------------------- run
     def run(self) -> dict:
@@ -383,6 +404,9 @@ class Trainer:
         self._plot()
         return self.summary()
 
+    def shutdown(self) -> None:
+        """Release what the trainer started (nothing for one process; ``PipelineTrainer`` stops its actors)."""
+
     def summary(self) -> dict:
         h = self.history
         ar = sorted(r["step_time"] for r in h if r.get("anticipatory_routing"))
@@ -420,11 +444,13 @@ def export_hf(checkpoint: Path, out: Path) -> Path:
         path = latest
     if not path.is_dir():
         raise ValueError(f"{path}: not a checkpoint directory")
-    tensors, meta = ckpt.load_checkpoint(path)
-    if "model_args" not in meta or "model" not in tensors:
-        raise ValueError(f"{path}: not a tide training checkpoint (no model_args / model tensors)")
+    from cluster.pipeline_checkpoint import load_pipeline_full
+
+    full, _, meta = load_pipeline_full(path)  # either layout: one process, or stage x expert-shard groups
+    if "model_args" not in meta:
+        raise ValueError(f"{path}: not a tide training checkpoint (no model_args)")
     model = Transformer(ModelArgs.from_dict(meta["model_args"], source=f"{path}/meta.json"))
-    model.load_state_dict(tensors["model"])
+    model.load_state_dict(full)
     save_hf(model, out)
     tok = path.parent.parent / "tokenizer.json"
     if tok.is_file():

@@ -114,8 +114,9 @@ class ExpertParallel:
         order = torch.argsort(flat_e, stable=True)
         token_of = order // K
         counts = torch.bincount(flat_e, minlength=self.n_experts)
-        recv_counts = self._a2a(counts.view(-1, 1), [self.n_local] * self.ep_size, [self.n_local] * self.ep_size,
-                                "dispatch", -1).result().view(self.ep_size, self.n_local)
+        fut = self._a2a(counts.view(-1, 1), [self.n_local] * self.ep_size, [self.n_local] * self.ep_size,
+                        "dispatch", -1)
+        recv_counts = self.comm.wait(fut, "wait counts").view(self.ep_size, self.n_local)
         plan = _Plan(counts.view(self.ep_size, self.n_local), recv_counts, self.bounds)
         track = torch.is_grad_enabled() and (x_ND.requires_grad or experts.gate_up_proj.requires_grad
                                             or experts.down_proj.requires_grad)
@@ -145,7 +146,7 @@ class _ExpertWaves(torch.autograd.Function):
         for w in range(W):
             nxt = dispatch(w + 1) if w + 1 < W else None
             wv = plan.waves[w]
-            x_recv = pending.result()
+            x_recv = ep.comm.wait(pending, "wait dispatch", wave=w)
             with torch.enable_grad():
                 xg = x_recv[wv["perm"]].detach().requires_grad_(track)
                 yg = experts.grouped(xg, wv["counts"], gu[wv["b0"]:wv["b1"]], dn[wv["b0"]:wv["b1"]])
@@ -155,7 +156,7 @@ class _ExpertWaves(torch.autograd.Function):
             saved.append((xg, yg))
             pending = nxt
         for w, fut in enumerate(combines):
-            y_sorted[plan.waves[w]["send_idx"]] = fut.result()
+            y_sorted[plan.waves[w]["send_idx"]] = ep.comm.wait(fut, "wait combine", wave=w)
         ctx.ep, ctx.plan, ctx.saved, ctx.gu, ctx.dn = ep, plan, saved, gu, dn
         return y_sorted
 
@@ -177,7 +178,7 @@ class _ExpertWaves(torch.autograd.Function):
         for w in range(W):
             nxt = dispatch(w + 1) if w + 1 < W else None
             wv = plan.waves[w]
-            g_recv = pending.result()
+            g_recv = ep.comm.wait(pending, "wait dispatch", wave=w)
             xg, yg = saved[w]
             gx_recv = torch.zeros_like(g_recv)
             if yg.requires_grad and yg.numel():
@@ -191,6 +192,6 @@ class _ExpertWaves(torch.autograd.Function):
             combines.append(ep._a2a(gx_recv, wv["send_splits"], wv["recv_splits"], "combine", w))
             pending = nxt
         for w, fut in enumerate(combines):
-            gx_sorted[plan.waves[w]["send_idx"]] = fut.result()
+            gx_sorted[plan.waves[w]["send_idx"]] = ep.comm.wait(fut, "wait combine", wave=w)
         ctx.saved = None
         return gx_sorted, g_gu, g_dn, None, None, None, None

@@ -30,7 +30,6 @@ Letters: B batch, b microbatch, S sequence, N hc streams, E hidden.
 from __future__ import annotations
 
 import math
-import time
 from concurrent.futures import Future
 
 import torch
@@ -155,9 +154,8 @@ class PipelineRunner:
                 for w, wave in enumerate(mbs[m]):
                     inp = None
                     if not mesh.first:
-                        t0 = time.time()
-                        inp = recv_act.pop((m, w)).result()
-                        self.tracer.add("wait act", "wait", "compute", t0, time.time(), mb=m, wave=w)
+                        inp = self.a2a.wait(recv_act.pop((m, w)), "wait act", mb=m, wave=w, kind="act",
+                                            peer=mesh.peer(mesh.stage - 1))
                         inp.requires_grad_(torch.is_grad_enabled() and cfg.mode != "indexer_warmup")
                     with self._span(f"F{m}.{w}", mb=m, wave=w):
                         out = st(inp, wave["input_ids"], wave.get("doc_ids"))
@@ -174,9 +172,8 @@ class PipelineRunner:
                     inp, out, loss = live.pop((m, w))
                     g = None
                     if not mesh.last:
-                        t0 = time.time()
-                        g = recv_grad.pop((m, w)).result()
-                        self.tracer.add("wait grad", "wait", "compute", t0, time.time(), mb=m, wave=w)
+                        g = self.a2a.wait(recv_grad.pop((m, w)), "wait grad", mb=m, wave=w, kind="grad",
+                                          peer=mesh.peer(mesh.stage + 1))
                     with self._span(f"B{m}.{w}", mb=m, wave=w):
                         tensors, grads = [], []
                         if loss is not None:
@@ -192,7 +189,7 @@ class PipelineRunner:
                         sends.append(self.links.send_grad(gi, tag(m, w), mb=m, wave=w))
             # RECV_* are posted up front, SEND_* right after each wave's compute
         for f in sends:
-            f.result()
+            self.a2a.wait(f, "wait sends")
         return self._finish(sums, present, cfg)
 
     # ------------------------------------------------------ reductions

@@ -300,58 +300,128 @@ def _intersect_length(u: list[tuple[float, float]], v: list[tuple[float, float]]
     return total
 
 
+def _subtract(a: list, b: list) -> list:
+    """Interval union ``a`` minus interval union ``b`` (both sorted, disjoint)."""
+    out, j = [], 0
+    for lo, hi in a:
+        cur = lo
+        while j < len(b) and b[j][1] <= cur:
+            j += 1
+        k = j
+        while k < len(b) and b[k][0] < hi:
+            if b[k][0] > cur:
+                out.append((cur, b[k][0]))
+            cur = max(cur, b[k][1])
+            k += 1
+        if cur < hi:
+            out.append((cur, hi))
+    return out
+
+
+COMM_CATS = ("send", "dispatch", "combine", "allreduce")
+
+
 def summarize(events: list[dict]) -> dict:
     """Per-actor and overall figures of a trace (all times in seconds).
 
-    ``per_pid[pid]``: ``name``; ``compute_s`` = union of ``cat == "compute"`` spans;
-    ``comm_s`` = union of all other spans (overlapping comm spans counted once);
-    ``overlap_s`` = time when compute and comm are both active; ``span_s`` = the
-    actor's first span start to last span end; ``idle_s`` = time within
-    ``span_s`` when neither compute nor comm is active.
+    Span categories: ``compute`` (the compute thread's work), ``wait`` (the compute
+    thread blocked on communication: exposed communication), transfers
+    ``send`` / ``dispatch`` / ``combine`` / ``allreduce`` (comm threads; the sender
+    holds the link-model time), and ``recv`` (a posted receive waiting for its
+    data: shown on the timeline, not counted as transfer time).
 
-    Overall: ``makespan_s`` (earliest start to latest end over all actors),
-    ``n_pids``, totals ``compute_s`` / ``comm_s`` / ``overlap_s``,
-    ``bubble = 1 - sum(compute_s) / (n_pids * makespan_s)`` (0 when empty), and
-    ``overlap_fraction = sum(overlap_s) / sum(comm_s)`` (the share of comm hidden
-    under compute; 0 when there is no comm). Only ``"X"`` events count.
+    ``per_pid[pid]``: ``name``; ``compute_s`` = union of compute spans minus the
+    waits inside them; ``wait_s`` = union of waits; ``comm_s`` = union of
+    transfer spans; ``overlap_s`` = transfer time during compute; ``span_s`` =
+    first span start to last span end; ``idle_s`` = time in ``span_s`` with neither
+    compute nor transfer.
+
+    Overall: ``makespan_s``, ``n_pids``, totals, ``bubble = 1 - sum(compute_s) /
+    (n_pids * makespan_s)`` (idle share of the actors' time), and
+    ``overlap_fraction`` = the share of transfer time hidden behind compute:
+    ``1 - sum(exposed_comm_s) / sum(comm_s)`` when waits are recorded, where a
+    wait counts as exposed communication only while a transfer it depends on is
+    in flight -- this actor's own transfers, or, for a wait whose args name a
+    ``peer`` (pid) and ``kind`` / ``mb`` / ``wave``, the peer's matching ``send``
+    span (waiting for an upstream stage that is still computing is bubble, not
+    communication); else
+    ``sum(overlap_s) / sum(comm_s)`` (0 when there is no transfer). Only ``"X"`` events count.
     """
     procs, _ = _names(events)
-    by_pid: dict[int, tuple[list, list]] = {}
+    by_pid: dict[int, dict[str, list]] = {}
+    sends: dict[tuple, list] = {}  # (pid, kind, mb, wave) -> send spans: matched by the receiver's waits
+    waits: dict[int, list[dict]] = {}
+    for e in _spans(events):
+        a = e.get("args") or {}
+        if e.get("cat") == "send" and "kind" in a:
+            t = e["ts"] * 1e-6
+            sends.setdefault((e["pid"], a["kind"], a.get("mb"), a.get("wave")), []).append(
+                (t, t + e.get("dur", 0.0) * 1e-6))
+        if e.get("cat") == "wait":
+            waits.setdefault(e["pid"], []).append(e)
     for e in _spans(events):
         a = e["ts"] * 1e-6
         iv = (a, a + e.get("dur", 0.0) * 1e-6)
-        comp, comm = by_pid.setdefault(e["pid"], ([], []))
-        (comp if e.get("cat") == "compute" else comm).append(iv)
+        cat = e.get("cat", "comm")
+        kind = "compute" if cat == "compute" else "wait" if cat == "wait" else "recv" if cat == "recv" else "comm"
+        by_pid.setdefault(e["pid"], {"compute": [], "wait": [], "recv": [], "comm": []})[kind].append(iv)
 
     per_pid: dict[int, dict] = {}
     t_lo, t_hi = float("inf"), float("-inf")
     for pid in sorted(by_pid):
-        comp, comm = (_union(x) for x in by_pid[pid])
-        both = _union(comp + comm)
-        lo, hi = both[0][0], both[-1][1]
+        u = {k: _union(v) for k, v in by_pid[pid].items()}
+        wait = u["wait"]
+        comp = _subtract(u["compute"], wait)
+        comm = u["comm"]
+        every = _union(u["compute"] + wait + u["recv"] + comm)
+        busy = _union(comp + comm)
+        lo, hi = every[0][0], every[-1][1]
         t_lo, t_hi = min(t_lo, lo), max(t_hi, hi)
+        # exposed communication: waits while a transfer this wait depends on is in flight (this actor's
+        # own transfers, e.g. all-to-alls, or the peer's send of the awaited activation / gradient)
+        exposed = 0.0
+        for w in waits.get(pid, []):
+            t = w["ts"] * 1e-6
+            wi = [(t, t + w.get("dur", 0.0) * 1e-6)]
+            a = w.get("args") or {}
+            mine = list(comm)
+            if "peer" in a:
+                mine += sends.get((a["peer"], a.get("kind"), a.get("mb"), a.get("wave")), [])
+            exposed += _intersect_length(wi, _union(mine))
         per_pid[pid] = {
             "name": procs.get(pid, f"pid {pid}"),
             "compute_s": _length(comp),
+            "wait_s": _length(wait),
+            "exposed_comm_s": exposed,
             "comm_s": _length(comm),
             "overlap_s": _intersect_length(comp, comm),
-            "idle_s": (hi - lo) - _length(both),
+            "idle_s": (hi - lo) - _length(busy),
             "span_s": hi - lo,
         }
     makespan = (t_hi - t_lo) if per_pid else 0.0
     compute = sum(p["compute_s"] for p in per_pid.values())
     comm = sum(p["comm_s"] for p in per_pid.values())
+    wait = sum(p["wait_s"] for p in per_pid.values())
+    exposed = sum(p["exposed_comm_s"] for p in per_pid.values())
     overlap = sum(p["overlap_s"] for p in per_pid.values())
     n = len(per_pid)
+    if comm <= 0:
+        frac = 0.0
+    elif wait > 0:
+        frac = min(1.0, max(0.0, 1.0 - exposed / comm))
+    else:
+        frac = overlap / comm
     return {
         "per_pid": per_pid,
         "n_pids": n,
         "makespan_s": makespan,
         "compute_s": compute,
+        "wait_s": wait,
+        "exposed_comm_s": exposed,
         "comm_s": comm,
         "overlap_s": overlap,
         "bubble": 1.0 - compute / (n * makespan) if n and makespan > 0 else 0.0,
-        "overlap_fraction": overlap / comm if comm > 0 else 0.0,
+        "overlap_fraction": frac,
     }
 
 

@@ -141,6 +141,15 @@ class CommThread:
             return out
         return self._pool.submit(run)
 
+    def wait(self, fut: Future, name: str = "wait", **args):
+        """``fut.result()``, traced as a ``wait`` span on the compute thread (exposed communication)."""
+        if self.tracer is None or not self.tracer.enabled or fut.done():
+            return fut.result()
+        t0 = time.time()
+        out = fut.result()
+        self.tracer.add(name, "wait", "compute", t0, time.time(), **args)
+        return out
+
     def close(self) -> None:
         self._pool.shutdown(wait=True)
 
@@ -181,13 +190,14 @@ class PipeLinks:
         return self.threads[thread].submit(run, 0, name=f"{cat} <-{src_stage}", cat=cat, **args)
 
     def send_act(self, t, tag, **args):
-        return self._send("p2p-send-act", t, self.mesh.stage + 1, self.mesh.act_send, tag, "send", **args)
+        return self._send("p2p-send-act", t, self.mesh.stage + 1, self.mesh.act_send, tag, "send", kind="act", **args)
 
     def recv_act(self, shape, dtype, tag, **args):
         return self._recv("p2p-recv-act", shape, dtype, self.mesh.stage - 1, self.mesh.act_recv, tag, "recv", **args)
 
     def send_grad(self, t, tag, **args):
-        return self._send("p2p-send-grad", t, self.mesh.stage - 1, self.mesh.grad_send, tag, "send", **args)
+        return self._send("p2p-send-grad", t, self.mesh.stage - 1, self.mesh.grad_send, tag, "send", kind="grad",
+                          **args)
 
     def recv_grad(self, shape, dtype, tag, **args):
         return self._recv("p2p-recv-grad", shape, dtype, self.mesh.stage + 1, self.mesh.grad_recv, tag, "recv",

@@ -195,3 +195,113 @@ def lr_at(step: int, cfg: OptimConfig, multiplier: float = 1.0) -> float:
         t = min(1.0, (step - cfg.decay_start) / span)
         lr = cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * t))
     return lr * multiplier
+
+
+# ------------------------------------------------------------- by-name state
+_MUON_KEYS = ("momentum_buffer",)
+_ADAM_KEYS = ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+
+def _named_params(opt: CombinedOptimizer) -> dict[str, tuple[torch.optim.Optimizer, torch.Tensor]]:
+    """``name -> (inner optimizer, parameter)`` for every parameter ``opt`` steps."""
+    out = {}
+    for o in opt.optimizers:
+        for g in o.param_groups:
+            for p in g["params"]:
+                out[opt.names[id(p)]] = (o, p)
+    return out
+
+
+def optimizer_state_by_name(opt: CombinedOptimizer) -> dict[str, torch.Tensor]:
+    """Every per-parameter state tensor of ``opt``, keyed ``"<param name>::<state key>"``.
+
+    Keys: Muon params ``<name>::momentum_buffer`` (float32, the parameter's shape);
+    AdamW params ``<name>::step`` (0-d), ``<name>::exp_avg``, ``<name>::exp_avg_sq``
+    (the parameter's shape; ``max_exp_avg_sq`` too with amsgrad). Parameters that
+    have no state yet (never stepped) have no keys. Non-tensor state values become
+    0-d tensors (``torch.tensor(value)``). Tensors are detached contiguous clones on
+    the state's device, so the result does not change when ``opt`` steps again.
+
+    Parameter names are those of ``opt.names`` (the module's ``named_parameters``),
+    so the state of a ``PipelineStage`` uses the full model's names and re-shards
+    like its model tensors (``model.stage.is_expert_param`` understands the keys).
+    Hyper-parameters (lr, betas, ...) are not included: they come from the config.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for name, (o, p) in _named_params(opt).items():
+        for key, v in o.state.get(p, {}).items():
+            t = v.detach().clone(memory_format=torch.contiguous_format) if isinstance(v, torch.Tensor) \
+                else torch.tensor(v)
+            out[f"{name}::{key}"] = t
+    return out
+
+
+def load_optimizer_state_by_name(opt: CombinedOptimizer, tensors: dict[str, torch.Tensor]) -> None:
+    """Replace the per-parameter state of ``opt`` by ``tensors`` (from ``optimizer_state_by_name``).
+
+    ``tensors`` maps ``"<param name>::<state key>"`` to tensors (any device; they
+    are copied, never aliased). Parameters with no key get no state: they start
+    fresh, exactly as if never stepped. Restored forms: Muon ``momentum_buffer``
+    float32 ``[param shape]``; AdamW ``exp_avg``/``exp_avg_sq`` in the parameter's
+    dtype ``[param shape]`` and ``step`` as the float32 0-d tensor torch's AdamW
+    keeps (on the parameter's device only when the group is capturable/fused).
+    All tensors go to the parameter's device. Hyper-parameters are untouched.
+    After loading the state of another optimizer over equal parameters, a step
+    gives bit-identical parameters.
+
+    Raises:
+        ValueError (nothing is changed then): a key without ``::``; a parameter
+            name that ``opt`` does not step (e.g. a tensor of another stage); a
+            state key that the parameter's optimizer does not use (e.g. Muon state
+            for an AdamW parameter: ``use_muon`` differs); a shape that does not
+            match the parameter (``step`` must have one element); an incomplete
+            state (AdamW needs ``step``, ``exp_avg``, ``exp_avg_sq``).
+    """
+    params = _named_params(opt)
+    per_param: dict[str, dict[str, torch.Tensor]] = {}
+    for full_key, t in tensors.items():
+        name, sep, key = full_key.rpartition("::")
+        if not sep or not name:
+            raise ValueError(f"optimizer state key {full_key!r} is not '<param name>::<state key>'")
+        if name not in params:
+            raise ValueError(f"optimizer state key {full_key!r}: this optimizer has no parameter {name!r}")
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"optimizer state {full_key!r} is a {type(t).__name__}, not a tensor")
+        o, p = params[name]
+        allowed = _MUON_KEYS if o is opt.muon else _ADAM_KEYS
+        if key not in allowed:
+            raise ValueError(f"optimizer state key {full_key!r}: {name} is stepped by "
+                             f"{type(o).__name__}, whose state keys are {list(allowed)}")
+        if key == "step":
+            if t.numel() != 1:
+                raise ValueError(f"optimizer state {full_key!r} has shape {tuple(t.shape)}, expected a scalar")
+        elif t.shape != p.shape:
+            raise ValueError(f"optimizer state {full_key!r} has shape {tuple(t.shape)}, "
+                             f"parameter {name} has {tuple(p.shape)}")
+        per_param.setdefault(name, {})[key] = t
+    for name, st in per_param.items():
+        o, _ = params[name]
+        need = _MUON_KEYS if o is opt.muon else ("step", "exp_avg", "exp_avg_sq")
+        missing = [k for k in need if k not in st]
+        if missing:
+            raise ValueError(f"optimizer state of {name} is incomplete: lacks {missing}")
+
+    for o in opt.optimizers:
+        o.state.clear()
+        group_of = {id(p): g for g in o.param_groups for p in g["params"]}
+        for name, st in per_param.items():
+            oo, p = params[name]
+            if oo is not o:
+                continue
+            g = group_of[id(p)]
+            new = {}
+            for key, t in st.items():
+                t = t.detach()
+                if key == "step":
+                    on_param = g.get("capturable", False) or g.get("fused", False)
+                    new[key] = t.reshape(()).to(device=p.device if on_param else "cpu", dtype=torch.float32,
+                                                copy=True)
+                else:
+                    dtype = torch.float32 if o is opt.muon else p.dtype
+                    new[key] = t.to(device=p.device, dtype=dtype, copy=True, memory_format=torch.contiguous_format)
+            o.state[p] = new

@@ -42,7 +42,13 @@ EXPERT_TENSORS = ("gate_up_proj", "down_proj")
 
 
 def is_expert_param(name: str) -> bool:
-    """True for routed-expert tensors (``...mlp.experts.{gate_up_proj,down_proj}``), whose dim 0 is the expert."""
+    """True for routed-expert tensors (``...mlp.experts.{gate_up_proj,down_proj}``), whose dim 0 is the expert.
+
+    Optimizer state keys ``<param name>::<state key>`` (``model.optim.optimizer_state_by_name``)
+    are judged by their parameter name; a 0-d state of an expert parameter (AdamW
+    ``step``) has no expert dim: slicing and merging treat 0-d tensors as replicated.
+    """
+    name = name.split("::", 1)[0]
     return ".experts." in name and name.rsplit(".", 1)[-1] in EXPERT_TENSORS
 
 
@@ -222,7 +228,7 @@ class PipelineStage(nn.Module):
             if t is None:
                 missing.append(name)
                 continue
-            if is_expert_param(name):
+            if is_expert_param(name) and t.dim() > 0:
                 t = t[self.expert_lo:self.expert_hi]
             if t.shape != ref.shape:
                 raise ValueError(f"checkpoint tensor {name} has shape {tuple(t.shape)}, this stage needs "
@@ -236,7 +242,7 @@ class PipelineStage(nn.Module):
 def merge_state_dicts(shards: list[tuple[dict[str, torch.Tensor], int]], n_experts: int) -> dict[str, torch.Tensor]:
     """Full-model tensors from stage shards ``[(state_dict, expert_lo), ...]``.
 
-    Replicated tensors are taken once; routed-expert tensors are concatenated in
+    Replicated (and 0-d) tensors are taken once; routed-expert tensors are concatenated in
     global expert order. Raises ValueError when an expert range is missing or
     covered twice.
     """
@@ -244,7 +250,7 @@ def merge_state_dicts(shards: list[tuple[dict[str, torch.Tensor], int]], n_exper
     parts: dict[str, list[tuple[int, torch.Tensor]]] = {}
     for sd, lo in shards:
         for name, t in sd.items():
-            if is_expert_param(name):
+            if is_expert_param(name) and t.dim() > 0:
                 parts.setdefault(name, []).append((lo, t))
             else:
                 full.setdefault(name, t)
