@@ -10,6 +10,10 @@ inside a Ray Train ``TorchTrainer`` worker:
 - ``RunConfig(name, storage_path)``: re-running with the same name resumes;
 - ``FailureConfig(max_failures)``: a worker that dies is restarted and resumes from
   the last committed checkpoint (verified against its sha256 manifest).
+
+A config with a ``parallel`` section instead runs ``run_pipeline``: this process
+drives the stage actors of the topology (``cluster.pipeline_trainer``), placed on
+racks by node label; with no cluster to join it simulates the racks locally.
 """
 
 from __future__ import annotations
@@ -191,9 +195,13 @@ def run_pipeline(cfg, address: str | None = None, *, progress: str = "bar") -> d
 
 
 DESCRIPTION = ("Train a DeepSeek-V4-style model with the curriculum in CONFIG under Ray Train. Joins a running Ray "
-               "cluster (RAY_ADDRESS or a local `ray start --head`), else starts an embedded one. Re-running with "
-               "the same --name resumes from the last committed checkpoint. Writes "
-               "<storage_path>/<name>/{metrics.jsonl, loss.png, checkpoints/, run_info.json}.")
+               "cluster (RAY_ADDRESS or a local `ray start --head`), else starts an embedded one. With a `parallel` "
+               "section (see configs/pipeline.yaml) the model is split into pipeline stages x expert shards, one "
+               "stage actor each, placed on racks by the nodes' `rack` label (`ray start --labels rack=r0`); "
+               "without a cluster to join, one labelled local raylet per rack is started. Re-running with "
+               "the same --name resumes from the last committed checkpoint (of any layout). Writes "
+               "<storage_path>/<name>/{metrics.jsonl, loss.png, checkpoints/, run_info.json} and, for pipeline "
+               "runs with trace_steps, trace.json + timeline.png.")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -246,3 +246,25 @@ def test_cli_summarize_and_plot(tmp_path, repo_root):
     r = subprocess.run([sys.executable, "-m", "comm.trace", "--help"], cwd=repo_root,
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "summarize" in r.stdout and "plot" in r.stdout
+
+
+def test_summarize_counts_only_waits_during_transfers_as_exposed():
+    ev = [
+        # actor 0: computes 0-10 ms, sends the activation 10-14 ms
+        X(0, 0, "compute", 0, 10, name="F0"),
+        X(0, 2, "send", 10, 14, name="send ->1", kind="act", mb=0, wave=0),
+        # actor 1: waits 0-14 ms for that activation (10 ms bubble, 4 ms exposed transfer), computes 14-20
+        X(1, 0, "wait", 0, 14, name="wait act", kind="act", mb=0, wave=0, peer=0),
+        X(1, 1, "recv", 0, 14, name="recv <-0"),
+        X(1, 0, "compute", 14, 20, name="F0"),
+        # an all-to-all 15-19 on actor 1 while it computes, with a 1 ms wait inside the compute span
+        X(1, 3, "dispatch", 15, 19, name="dispatch w0"),
+        X(1, 0, "wait", 18, 19, name="wait dispatch"),
+    ]
+    s = summarize(ev)
+    a1 = s["per_pid"][1]
+    assert a1["compute_s"] == pytest.approx(0.005, abs=1e-6)  # 6 ms of compute span minus the 1 ms wait
+    assert a1["exposed_comm_s"] == pytest.approx(0.005, abs=1e-6)  # 4 ms of the send + 1 ms of the dispatch
+    assert s["comm_s"] == pytest.approx(0.008, abs=1e-6)  # recv spans are not transfer time
+    assert s["overlap_fraction"] == pytest.approx(1 - 5 / 8, abs=1e-3)
+    assert s["bubble"] == pytest.approx(1 - (0.010 + 0.005) / (2 * 0.020), abs=1e-3)
