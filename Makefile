@@ -11,7 +11,7 @@ EXTRAS ?= test
 comma  := ,
 STAMP  := $(VENV)/.tide-installed-$(subst $(comma),-,$(EXTRAS))
 
-.PHONY: venv test run bench clean-venv
+.PHONY: venv test run run-single bench clean-venv
 
 venv: $(STAMP)
 
@@ -25,6 +25,9 @@ test: venv
 	$(VENV)/bin/python -m pytest -q tests
 
 run: venv
+	$(VENV)/bin/tide train configs/pipeline.yaml
+
+run-single: venv
 	$(VENV)/bin/tide train configs/debug.yaml
 
 bench: venv
