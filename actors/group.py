@@ -43,6 +43,7 @@ class StageGroup:
     def __init__(self, graph, model_args: dict, *, placement_timeout_s: float = 120.0, setup_timeout_s: float = 300.0,
                  **worker_kwargs):
         self.graph = graph
+        self.failed = False
         n = len(graph.actors)
         bundles = [{"CPU": graph.cpus_per_actor} for _ in range(n)]
         self.pg = placement_group(bundles, strategy="PACK", bundle_label_selector=[a.label_selector
@@ -76,18 +77,33 @@ class StageGroup:
         self.info = ray.get([w.setup.remote(addr, port, timeout_s=setup_timeout_s) for w in self.actors])
 
     def call(self, method: str, *args, **kwargs) -> list:
-        """Run ``method`` on every actor (same arguments; Ray object refs are resolved); results in rank order."""
-        return ray.get([getattr(w, method).remote(*args, **kwargs) for w in self.actors])
+        """Run ``method`` on every actor (same arguments; Ray object refs are resolved); results in rank order.
+
+        The first failure is raised as soon as it happens (a dead actor raises
+        ``ray.exceptions.RayActorError``) instead of after the survivors, which would
+        wait in a collective for the dead peer until the process-group timeout.
+        """
+        refs = [getattr(w, method).remote(*args, **kwargs) for w in self.actors]
+        pending = list(refs)
+        try:
+            while pending:
+                done, pending = ray.wait(pending, num_returns=1)
+                ray.get(done)  # raises the actor's error (or RayActorError) right away
+        except Exception:
+            self.failed = True  # survivors may be stuck in a collective: shutdown() kills without asking
+            raise
+        return ray.get(refs)
 
     def call_async(self, method: str, *args, **kwargs) -> list:
         return [getattr(w, method).remote(*args, **kwargs) for w in self.actors]
 
     def shutdown(self) -> None:
         """Close the process groups and kill the actors and the placement group."""
-        try:
-            ray.get([w.shutdown.remote() for w in self.actors], timeout=30)
-        except Exception:  # noqa: BLE001 - best effort: the actors are killed next anyway
-            pass
+        if not self.failed:
+            try:
+                ray.get([w.shutdown.remote() for w in self.actors], timeout=30)
+            except Exception:  # noqa: BLE001 - best effort: the actors are killed next anyway
+                pass
         for w in self.actors:
             ray.kill(w)
         remove_placement_group(self.pg)

@@ -166,6 +166,10 @@ class StageWorker:
     def set_trace(self, enabled: bool) -> None:
         self.tracer.enabled = enabled
 
+    def crash(self) -> None:
+        """Kill this actor's process (tests of the restart path: ``fail_at_step`` in pipeline runs)."""
+        os._exit(1)
+
     def shutdown(self) -> None:
         if self.stage is not None:
             self.runner.close()

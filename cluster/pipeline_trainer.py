@@ -82,6 +82,12 @@ class PipelineTrainer(Trainer):
             self._write_trace()
         return cv
 
+    def _inject_failure(self) -> None:
+        """Testing hook (``fail_at_step``): the last stage actor's process dies; the step then fails with
+        ``RayActorError`` and ``cluster.train.run_pipeline`` restarts the actor graph from the last checkpoint."""
+        self.log(f"injected failure at step {self.step}: killing the last stage actor")
+        self.group.actors[-1].crash.remote()
+
     def _discard(self) -> None:
         self.group.call("discard")
 

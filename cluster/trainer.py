@@ -370,7 +370,7 @@ class Trainer:
             stage, _ = self._apply_stage()
             if cfg.fail_at_step is not None and self.step == cfg.fail_at_step and not fail_marker.exists():
                 fail_marker.write_text("1")
-                raise RuntimeError(f"injected failure at step {self.step} (fail_at_step)")
+                self._inject_failure()
             t0 = time.perf_counter()
             batch, forced = self._next_batch()  # includes the early routing pass when it is on
             if cfg.inject_spike_at_step == self.step:
@@ -403,6 +403,10 @@ class Trainer:
             bar.close()
         self._plot()
         return self.summary()
+
+    def _inject_failure(self) -> None:
+        """Testing hook (``fail_at_step``, first attempt only): the worker process fails."""
+        raise RuntimeError(f"injected failure at step {self.step} (fail_at_step)")
 
     def shutdown(self) -> None:
         """Release what the trainer started (nothing for one process; ``PipelineTrainer`` stops its actors)."""

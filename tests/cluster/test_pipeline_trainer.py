@@ -91,3 +91,14 @@ def test_pipeline_run_matches_single_process_and_relayouts(tmp_path, racks):
     assert [r["step"] for r in cont] == list(range(7))
     for a, b in zip(cont[4:], ref[4:]):
         assert abs(a["ce"] - b["ce"]) <= 2e-3 * b["ce"], (a["step"], a["ce"], b["ce"])
+
+
+def test_a_dead_stage_actor_restarts_the_graph_from_the_last_checkpoint(tmp_path, racks):
+    cfg = _config(tmp_path, "crash", True, steps=(3, 1, 2))
+    clean = run_pipeline(load_train_config(_config(tmp_path, "clean", True, steps=(3, 1, 2))), progress="none")
+    run_pipeline(load_train_config({**cfg, "fail_at_step": 3}), progress="none")
+    assert (tmp_path / "crash" / ".injected_failure_done").exists()
+    got, want = _rows(tmp_path / "crash"), _rows(Path(clean["run_dir"]))
+    assert [r["step"] for r in got] == list(range(6))  # steps 2.. replayed from the step-2 checkpoint, once each
+    for a, b in zip(got, want):
+        assert a["ce"] == pytest.approx(b["ce"], abs=1e-6), a["step"]
