@@ -35,9 +35,6 @@ from concurrent.futures import Future
 import torch
 import torch.distributed as dist
 
-from model.stage import LossNorms, PipelineStage, is_expert_param
-from model.training import LossConfig
-
 from .expert_parallel import ExpertParallel
 from .link_model import LinkModel
 from .schedule import gpipe, one_f_one_b
@@ -56,7 +53,10 @@ def split_batch(batch: dict, parts: int, index: int) -> dict:
 
 
 class PipelineRunner:
-    """Runs ``stage`` (this process's ``PipelineStage``) in the pipeline described by ``mesh``.
+    """Runs ``stage`` (this process's ``model.stage.PipelineStage``, or anything with its interface:
+    ``forward``, ``losses``, ``loss_norms``, ``is_expert_param``, ``moes``, ``indexer_parameters``,
+    ``layers``, ``embed_tokens``, ``args``, ``expert_lo/hi``) in the pipeline described by ``mesh``.
+    comm/ imports no model code: the stage is passed in.
 
     Args:
         microbatches: M per expert shard per step.
@@ -70,7 +70,7 @@ class PipelineRunner:
         ValueError: unknown schedule, waves < 1.
     """
 
-    def __init__(self, stage: PipelineStage, mesh: Mesh, *, microbatches: int = 1, waves: int = 1,
+    def __init__(self, stage, mesh: Mesh, *, microbatches: int = 1, waves: int = 1,
                  expert_waves: int | None = None, schedule: str = "1f1b", link: LinkModel | None = None,
                  tracer: Tracer | None = None):
         if schedule not in SCHEDULES:
@@ -117,7 +117,7 @@ class PipelineRunner:
                 self.loads[int(i)] = self.loads.get(int(i), 0) + c
 
     # ----------------------------------------------------------- one step
-    def forward_backward(self, batch: dict, cfg: LossConfig) -> dict:
+    def forward_backward(self, batch: dict, cfg) -> dict:
         """Forward + backward of one global ``batch`` (every process passes the same batch).
 
         Leaves globally reduced gradients in the stage's parameters (accumulated into
@@ -131,7 +131,7 @@ class PipelineRunner:
         if B % (mesh.ep_size * self.M):
             raise ValueError(f"batch of {B} sequences is not divisible by expert shards ({mesh.ep_size}) x "
                              f"microbatches ({self.M})")
-        norms = LossNorms.of(batch)
+        norms = st.loss_norms(batch)
         local = split_batch(batch, mesh.ep_size, mesh.ep_rank)
         mbs = [self._waves(split_batch(local, self.M, m)) for m in range(self.M)]
         dtype = next(st.parameters()).dtype
@@ -193,7 +193,7 @@ class PipelineRunner:
         return self._finish(sums, present, cfg)
 
     # ------------------------------------------------------ reductions
-    def _finish(self, sums: dict, present: set, cfg: LossConfig) -> dict:
+    def _finish(self, sums: dict, present: set, cfg) -> dict:
         mesh, st = self.mesh, self.stage
         flags = [1.0 if k in present else 0.0 for k in METRIC_KEYS]
         vec = torch.tensor([sums[k] for k in METRIC_KEYS] + flags, dtype=torch.float64)
@@ -236,7 +236,7 @@ class PipelineRunner:
         with self.tracer.span("allreduce grads", cat="allreduce", tid="collective"):
             embed = st.embed_tokens.weight if self._tied_embedding() else None
             dense = [p for n, p in st.named_parameters()
-                     if p.grad is not None and not is_expert_param(n) and p is not embed]
+                     if p.grad is not None and not st.is_expert_param(n) and p is not embed]
             if mesh.ep_size > 1 and dense:
                 flat = torch.cat([p.grad.reshape(-1) for p in dense])
                 dist.all_reduce(flat, group=mesh.dense)
@@ -258,7 +258,7 @@ class PipelineRunner:
         for n, p in st.named_parameters():
             if p.grad is None:
                 continue
-            if is_expert_param(n):
+            if st.is_expert_param(n):
                 own = True
             elif st.embed_tokens is not None and p is st.embed_tokens.weight and self._tied_embedding():
                 own = mesh.first and mesh.ep_rank == 0

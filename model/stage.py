@@ -135,6 +135,16 @@ class PipelineStage(nn.Module):
         return st
 
     # ------------------------------------------------------------------ parts
+    @staticmethod
+    def loss_norms(batch: dict) -> LossNorms:
+        """``LossNorms.of(batch)``: the global batch's denominators."""
+        return LossNorms.of(batch)
+
+    @staticmethod
+    def is_expert_param(name: str) -> bool:
+        """``model.stage.is_expert_param``: a routed-expert tensor (sharded, dim 0 = expert)."""
+        return is_expert_param(name)
+
     def moes(self) -> list[MoE]:
         """Every MoE of this stage (its layers', then MTP's)."""
         return [m for m in self.modules() if isinstance(m, MoE)]

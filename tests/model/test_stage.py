@@ -51,7 +51,7 @@ def test_stage_losses_add_up_to_compute_losses(model):
     for half in (slice(0, 2), slice(2, 4)):  # two microbatches of the global batch
         mb = {k: v[half] for k, v in batch.items()}
         loss, sums = st.losses(st(None, mb["input_ids"]), mb, norms, LossConfig(mode="sparse"))
-        total += float(loss) - sums["kl_sum"]
+        total += loss.item() - sums["kl_sum"]
         kl_sum, kl_rows = kl_sum + sums["kl_sum"], kl_rows + sums["kl_rows"]
     assert total + kl_sum / kl_rows == pytest.approx(float(want), abs=1e-5)
 
