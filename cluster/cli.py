@@ -284,6 +284,52 @@ def cmd_export(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(ns: argparse.Namespace) -> int:
+    """``tide plan CONFIG``: the actor graph and pipeline schedule of a training config, without starting anything."""
+    from comm.pipeline import SCHEDULES
+    from comm.schedule import format_schedule, simulate
+
+    from .data import sequences_per_batch
+    from .topology import build_graph, load_topology
+    from .train_config import load_train_config, model_args_for
+
+    try:
+        cfg = load_train_config(ns.config)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    if cfg.parallel is None:
+        raise CLIError(f"{ns.config} has no `parallel` section: it trains in one process (see configs/pipeline.yaml)")
+    par = cfg.parallel
+    args = model_args_for(cfg, cfg.data.vocab_size)
+    graph = build_graph(load_topology(par.topology), args.num_hidden_layers, args.n_routed_experts)
+    P, E = graph.num_stages, len(graph.expert_groups[0])
+    per = args.n_routed_experts // E
+    print(f"{len(graph.actors)} stage actors = {P} pipeline stages x {E} expert shards "
+          f"({graph.cpus_per_actor:g} CPU each)")
+    for a in graph.actors:
+        lo, hi = graph.layer_slices[a.stage]
+        ends = (["embedding"] if a.stage == 0 else []) + (["head"] + (["MTP"] if args.num_nextn_predict_layers else [])
+                                                            if a.stage == P - 1 else [])
+        print(f"  rank {a.rank}: stage {a.stage} shard {a.ep_rank} on rack {a.rack}: layers {lo}..{hi - 1}"
+              f"{' + ' + ', '.join(ends) if ends else ''}, experts {a.ep_rank * per}..{(a.ep_rank + 1) * per - 1}")
+    kinds: dict[str, int] = {}
+    for link in graph.links:
+        key = f"{link.kind} {link.link_class}"
+        kinds[key] = kinds.get(key, 0) + 1
+    print("links: " + ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())))
+    sched = SCHEDULES[par.schedule](P, par.microbatches)
+    sim = simulate(sched, f_cost=1.0, b_cost=2.0)
+    print(f"schedule {par.schedule}, {par.microbatches} microbatches per shard, {par.waves} wave(s) each "
+          f"(backward = 2 x forward):")
+    print(format_schedule(sched))
+    print(f"simulated bubble {sim.bubble:.3f}; peak live microbatches per stage {sim.peak_live}")
+    for i, st in enumerate(cfg.curriculum):
+        B = sequences_per_batch(st.batch_tokens, st.seq_len)
+        print(f"curriculum[{i}] {st.name}: {B} sequences/step -> {B // E} per shard -> "
+              f"{B // E // par.microbatches} per microbatch -> {B // E // par.microbatches // par.waves} per wave")
+    return 0
+
+
 def cmd_cache_bytes(ns: argparse.Namespace) -> int:
     """``tide cache-bytes``: print :func:`model.cache_bytes.cache_bytes` as JSON."""
     args = ModelArgs.flavor(ns.flavor)
@@ -370,6 +416,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="storage: fp32/bf16 everywhere, or paper (FP8 non-RoPE dims, BF16 RoPE dims); "
                          "default: %(default)s")
     cb.set_defaults(func=cmd_cache_bytes)
+    pl = sub.add_parser(
+        "plan", help="print a pipeline config's actor graph and schedule (starts nothing)",
+        description="Validate CONFIG (a training YAML with a `parallel` section) and print its actor graph: "
+                    "every stage actor with its rack, layers and experts, the links by class, the per-stage "
+                    "pipeline schedule with its simulated bubble, and how each curriculum stage's batch splits "
+                    "into shards, microbatches and waves.")
+    pl.add_argument("config", help="training YAML with a `parallel` section, e.g. configs/pipeline.yaml")
+    pl.set_defaults(func=cmd_plan)
     tr.set_defaults(func=cmd_train)
     ex.set_defaults(func=cmd_export)
 

@@ -193,3 +193,13 @@ def test_demo_runs(repo_root):
     for field in ("loss", "prefill", "decode", "params total / active", "decode state"):
         assert field in r.stdout
     assert "0.00 ms/token" not in r.stdout and "ms/token (4 steps" in r.stdout
+
+
+def test_plan_prints_the_actor_graph_and_schedule(repo_root, tmp_path):
+    r = tide(repo_root, "plan", "configs/pipeline.yaml")
+    assert r.returncode == 0, r.stderr
+    assert "4 stage actors = 2 pipeline stages x 2 expert shards" in r.stdout
+    assert "stage 1 shard 1 on rack r1: layers 2..3 + head, MTP, experts 4..7" in r.stdout
+    assert "stage 0: F0 F1 B0 B1" in r.stdout and "simulated bubble" in r.stdout
+    r = tide(repo_root, "plan", "configs/debug.yaml")
+    assert r.returncode == 2 and "no `parallel` section" in r.stderr
