@@ -100,17 +100,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--latency-us", type=float, default=50.0, help="emulated one-way latency, microseconds")
     p.add_argument("--out", default="runs/bench_pipeline", help="directory for traces and timelines")
     a = p.parse_args(argv)
+    try:
+        layouts = [tuple(int(x) for x in item.lower().split("x")) for item in a.layouts.split(",")]
+        waves = [int(w) for w in a.waves.split(",")]
+    except ValueError:
+        p.error(f"--layouts takes STAGESxSHARDS items like 2x1,1x2 and --waves integers like 1,2,4; got "
+                f"{a.layouts!r} / {a.waves!r}")
+    if any(len(lt) != 2 or min(lt) < 1 for lt in layouts) or min(waves) < 1:
+        p.error("every layout needs 2 numbers >= 1 (STAGESxSHARDS) and every wave count must be >= 1")
+    if any(8 % e for _, e in layouts):
+        p.error("expert shards must divide the 8 routed experts of the debug/tiny flavors (1, 2, 4 or 8)")
 
     from comm.launch import spawn_local
     from comm.trace import plot_timeline, summarize, write_chrome_trace
 
-    waves = [int(w) for w in a.waves.split(",")]
     opts = dict(flavor=a.flavor, seq_len=a.seq_len, microbatches=a.microbatches, seqs_per_wave=a.seqs_per_wave,
                 steps=a.steps, intra_gbps=a.intra_gbps, inter_gbps=a.inter_gbps, latency_us=a.latency_us)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    for layout in a.layouts.split(","):
-        P, E = (int(x) for x in layout.lower().split("x"))
+    for P, E in layouts:
         with tempfile.TemporaryDirectory() as tmp:
             spawn_local(_worker, P * E, P, E, waves, opts, tmp, timeout_s=1800)
             results = json.loads((Path(tmp) / "result.json").read_text())

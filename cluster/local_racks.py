@@ -23,5 +23,8 @@ def start_local_racks(cpus_per_rack: dict[str, float], *, object_store_mb: int =
     for rack, cpus in cpus_per_rack.items():
         cluster.add_node(num_cpus=cpus, labels={"rack": rack}, object_store_memory=object_store_mb << 20)
     cluster.wait_for_nodes()
-    ray.init(address=cluster.address, log_to_driver=True)
+    import logging
+
+    # the INFO lines would say "Connecting to existing Ray cluster": it is the one just started
+    ray.init(address=cluster.address, log_to_driver=True, logging_level=logging.WARNING)
     return cluster

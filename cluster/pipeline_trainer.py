@@ -138,6 +138,13 @@ class PipelineTrainer(Trainer):
             raise ValueError(f"{path} holds a checkpoint of a different model than this config describes; "
                              f"resume with the config it was trained with, or start a new run (--name)")
         self.group.call("load_state", ray.put(model), ray.put(optim))
+        layout = meta.get("layout")
+        src = (f"{layout['pipeline_stages']} stage(s) x {layout['expert_parallel']} expert shard(s)" if layout
+               else "one process")
+        dst = f"{self.topology.pipeline_stages} stage(s) x {self.topology.expert_parallel} expert shard(s)"
+        if src != dst:
+            self.log(f"re-layout: {path.name} was written by {src}; loaded into {dst}"
+                     + ("" if meta.get("optimizer_converted", True) else " (optimizer state not converted: fresh)"))
         return meta
 
     def shutdown(self) -> None:

@@ -88,6 +88,10 @@ def run(config_path: str, *, name: str | None = None, storage_path: str | None =
     from cluster.train_config import load_train_config
 
     cfg = load_train_config(config_path, name=name, storage_path=storage_path)
+    if not Path(cfg.storage_path).expanduser().is_absolute() and "runtime_resources" in os.getcwd():
+        raise ValueError(f"storage_path {cfg.storage_path!r} is relative and this job runs in Ray's temporary copy "
+                         f"of its working_dir ({os.getcwd()}): the run would be lost with it. Pass an absolute "
+                         f"path on storage every node shares, e.g. --storage-path /shared/runs")
     cfg.storage_path = str(Path(cfg.storage_path).expanduser().resolve())  # workers run elsewhere
     if cfg.data.source != "stdlib":  # workers run elsewhere: absolute paths; fail fast before Ray starts
         from cluster.data import Corpus
@@ -148,27 +152,44 @@ def run_pipeline(cfg, address: str | None = None, *, progress: str = "bar") -> d
 
     from cluster.pipeline_trainer import PipelineTrainer
     from cluster.topology import build_graph, load_topology
+    from cluster.train_config import model_args_for
 
+    args = model_args_for(cfg, cfg.data.vocab_size)
+    graph = build_graph(load_topology(cfg.parallel.topology), args.num_hidden_layers, args.n_routed_experts)
+    need: dict[str, float] = {}
+    for a in graph.actors:
+        need[a.rack] = need.get(a.rack, 0) + graph.cpus_per_actor
+    explicit = address or os.environ.get("RAY_ADDRESS")
     local = None
+    mode = "joined"
     if not ray.is_initialized():
         try:
-            ray.init(address=address or os.environ.get("RAY_ADDRESS") or "auto", log_to_driver=True)
-            mode = "joined"
+            ray.init(address=explicit or "auto", log_to_driver=True)
         except ConnectionError:
-            if address or not cfg.parallel.local_racks:
-                raise
+            if explicit or not cfg.parallel.local_racks:
+                raise ValueError(f"no Ray cluster to join at {explicit or 'this machine'}; start one whose nodes "
+                                 f"carry the racks' labels (`ray start --labels rack=<name>`) or set "
+                                 f"parallel.local_racks: true to simulate the racks locally") from None
+        else:
+            racks = {(n.get("Labels") or {}).get("rack") for n in ray.nodes() if n.get("Alive")}
+            missing = sorted(set(need) - racks)
+            if missing and not explicit and cfg.parallel.local_racks:
+                # a cluster found by "auto" (e.g. someone else's) without our racks: do not borrow it
+                print(f"tide: the Ray cluster on this machine has no node labelled rack={missing}; "
+                      f"not using it", flush=True)
+                ray.shutdown()
+            elif missing:
+                print(f"tide: warning: no node of the cluster carries rack label(s) {missing} yet; waiting for the "
+                      f"autoscaler to add them (placement times out otherwise)", flush=True)
+        if not ray.is_initialized():
             from cluster.local_racks import start_local_racks
-            from cluster.train_config import model_args_for
 
-            args = model_args_for(cfg, cfg.data.vocab_size)
-            graph = build_graph(load_topology(cfg.parallel.topology), args.num_hidden_layers, args.n_routed_experts)
-            need: dict[str, float] = {}
-            for a in graph.actors:
-                need[a.rack] = need.get(a.rack, 0) + graph.cpus_per_actor
+            cores = os.cpu_count() or 1
+            if sum(need.values()) > cores:
+                print(f"tide: note: the simulated racks declare {sum(need.values()):g} CPUs on a {cores}-core "
+                      f"machine; actors will time-slice the cores", flush=True)
             local = start_local_racks(need)
             mode = f"embedded ({len(need)} simulated racks: " + ", ".join(f"{r}={c:g} CPU" for r, c in need.items()) + ")"
-    else:
-        mode = "joined"
     print(f"tide: {mode} Ray cluster; pipeline run '{cfg.name}' in {cfg.run_dir()} "
           f"({len(cfg.curriculum)} stages, {cfg.total_steps} steps)", flush=True)
     try:
@@ -219,11 +240,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from actors.group import PlacementError
+
     try:
         summary = run(args.config, name=args.name, storage_path=args.storage_path, address=args.address)
-    except ValueError as e:
+    except (ValueError, PlacementError, ConnectionError) as e:
         print(f"tide: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("tide: interrupted; run the same command again to resume from the last committed checkpoint",
+              file=sys.stderr)
+        return 130
     print(json.dumps({k: summary[k] for k in ("run_dir", "steps", "first_loss", "final_loss", "checkpoint",
                                                "loss_png", "metrics_jsonl")}, indent=2))
     return 0

@@ -236,8 +236,6 @@ def _validate(cfg: TrainConfig) -> None:
     if cfg.ray.num_workers != 1:
         raise ValueError("ray.num_workers must be 1: a run without a `parallel` section is one process holding the "
                          "whole model; for pipeline stages and expert shards across racks add a `parallel` section")
-    if cfg.parallel is not None:
-        _validate_parallel(cfg)
     if not cfg.name or "/" in cfg.name:
         raise ValueError(f"name must be a non-empty run name without '/', got {cfg.name!r}")
     from model import ModelArgs
@@ -247,23 +245,30 @@ def _validate(cfg: TrainConfig) -> None:
     model["vocab_size"] = cfg.data.vocab_size
     args = ModelArgs.from_dict(model, source="model")  # raises ValueError naming the bad key
     if cfg.parallel is not None:
-        from .topology import build_graph, load_topology
-
-        try:
-            build_graph(load_topology(cfg.parallel.topology), args.num_hidden_layers, args.n_routed_experts)
-        except ValueError as e:
-            raise ValueError(f"parallel.topology: {e}") from None
+        _validate_parallel(cfg, args)
 
 
-def _validate_parallel(cfg: TrainConfig) -> None:
+def _validate_parallel(cfg: TrainConfig, args) -> None:
     from comm.pipeline import SCHEDULES
 
     from .data import sequences_per_batch
-    from .topology import load_topology
+    from .topology import build_graph, load_topology
 
     par = cfg.parallel
-    topo = load_topology(par.topology)
+    try:
+        topo = load_topology(par.topology)
+    except ValueError as e:
+        msg = str(e)
+        raise ValueError(f"parallel.{msg}" if msg.startswith("topology") else f"parallel.topology ({msg})") from None
+    try:
+        build_graph(topo, args.num_hidden_layers, args.n_routed_experts)
+    except ValueError as e:
+        raise ValueError(f"parallel.topology: {e}") from None
     E = topo.expert_parallel
+    per_shard = args.n_routed_experts // E
+    if par.expert_waves is not None and par.expert_waves > per_shard:
+        raise ValueError(f"parallel.expert_waves ({par.expert_waves}) must be <= the routed experts per shard "
+                         f"({args.n_routed_experts} / {E} = {per_shard})")
     if par.microbatches < 1 or par.waves < 1 or (par.expert_waves is not None and par.expert_waves < 1):
         raise ValueError("parallel: microbatches, waves and expert_waves must be >= 1")
     if par.schedule not in SCHEDULES:
@@ -272,14 +277,15 @@ def _validate_parallel(cfg: TrainConfig) -> None:
         raise ValueError("parallel.trace_steps must be >= 0")
     if par.link_model not in (None, "default") and not Path(par.link_model).is_file():
         raise ValueError(f"parallel.link_model must be null, 'default' or a calibration file; "
-                         f"{par.link_model} does not exist")
+                         f"{Path(par.link_model).resolve()} does not exist")
     for i, st in enumerate(cfg.curriculum):
         B = sequences_per_batch(st.batch_tokens, st.seq_len)
         per = E * par.microbatches
         if B % per or B // per < par.waves:
             raise ValueError(f"curriculum[{i}] ({st.name}): {B} sequences per step (batch_tokens / seq_len) must "
-                             f"split into expert_parallel ({E}) x microbatches ({par.microbatches}) microbatches of "
-                             f">= waves ({par.waves}) sequences each")
+                             f"split into expert_parallel ({E}) x parallel.microbatches ({par.microbatches}) "
+                             f"microbatches of >= parallel.waves ({par.waves}) sequences each: change batch_tokens, "
+                             f"microbatches or waves")
 
 
 def read_mapping(source: str | Path | dict, what: str) -> tuple[dict, str]:
