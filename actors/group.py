@@ -45,7 +45,8 @@ class StageGroup:
         self.graph = graph
         self.failed = False
         n = len(graph.actors)
-        bundles = [{"CPU": graph.cpus_per_actor} for _ in range(n)]
+        bundles = [{"CPU": graph.cpus_per_actor, **({"GPU": graph.gpus_per_actor} if graph.gpus_per_actor else {})}
+                   for _ in range(n)]
         self.pg = placement_group(bundles, strategy="PACK", bundle_label_selector=[a.label_selector
                                                                                    for a in graph.actors])
         ready, _ = ray.wait([self.pg.ready()], timeout=placement_timeout_s)
@@ -64,7 +65,7 @@ class StageGroup:
                                  f"set with `ray start --labels rack=<name>`)")
         Remote = ray.remote(StageWorker)
         self.actors = [
-            Remote.options(num_cpus=graph.cpus_per_actor, name=None,
+            Remote.options(num_cpus=graph.cpus_per_actor, num_gpus=graph.gpus_per_actor,
                            scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i))
             .remote(graph, a.rank, model_args, **worker_kwargs)
             for i, a in enumerate(graph.actors)]

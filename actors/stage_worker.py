@@ -83,10 +83,20 @@ class StageWorker:
         return ray.util.get_node_ip_address(), port
 
     # ---------------------------------------------------------------- setup
-    def setup(self, master_addr: str, master_port: int, backend: str = "gloo", timeout_s: float = 300.0) -> dict:
-        """Join the process group, create the mesh's groups, build the stage, runner and optimizer."""
+    def setup(self, master_addr: str, master_port: int, backend: str | None = None, timeout_s: float = 300.0) -> dict:
+        """Join the process group, create the mesh's groups, build the stage, runner and optimizer.
+
+        ``backend``: default nccl when the graph gives each actor a GPU, else gloo (CPU).
+        """
         import datetime
 
+        use_gpu = bool(getattr(self.graph, "gpus_per_actor", 0))
+        if use_gpu:
+            if not torch.cuda.is_available():
+                raise RuntimeError("gpus_per_actor is 1 but this actor sees no CUDA device")
+            torch.cuda.set_device(0)  # Ray sets CUDA_VISIBLE_DEVICES to the actor's GPU
+        backend = backend or ("nccl" if use_gpu else "gloo")
+        self.device = torch.device("cuda", 0) if use_gpu else torch.device("cpu")
         dist.init_process_group(backend, init_method=f"tcp://{master_addr}:{master_port}", rank=self.rank,
                                 world_size=len(self.graph.actors), timeout=datetime.timedelta(seconds=timeout_s))
         self.mesh = build_mesh(self.graph, self.rank, tied_embedding=self.args.num_nextn_predict_layers > 0)
@@ -96,6 +106,7 @@ class StageWorker:
         self.stage = PipelineStage.from_model(full, lo, hi, lo == 0, hi == self.args.num_hidden_layers,
                                               self.spec.ep_rank, self.mesh.ep_size)
         del full
+        self.stage.to(self.device)
         self.stage.train()
         self.runner = PipelineRunner(self.stage, self.mesh, link=self.link, tracer=self.tracer, **self.run_opts)
         self.optimizer = CombinedOptimizer(self.stage, self.optim_cfg)
@@ -132,7 +143,7 @@ class StageWorker:
     # ----------------------------------------------------------- inspection
     def grads(self) -> dict[str, torch.Tensor]:
         """Current gradients by parameter name (tests compare them with the single-process model)."""
-        return {n: p.grad.clone() for n, p in self.stage.named_parameters() if p.grad is not None}
+        return {n: p.grad.detach().cpu().clone() for n, p in self.stage.named_parameters() if p.grad is not None}
 
     def shard_info(self) -> dict:
         return {"stage": self.spec.stage, "ep_rank": self.spec.ep_rank, "expert_lo": self.stage.expert_lo,
@@ -141,8 +152,8 @@ class StageWorker:
     # ----------------------------------------------------------- checkpoint
     def state(self) -> dict[str, torch.Tensor]:
         """Model tensors by name plus optimizer state under ``optim/<param>::<key>``."""
-        out = {n: t.detach().clone() for n, t in self.stage.state_dict().items()}
-        out.update({OPTIM_PREFIX + k: v for k, v in optim_lib.optimizer_state_by_name(self.optimizer).items()})
+        out = {n: t.detach().cpu().clone() for n, t in self.stage.state_dict().items()}
+        out.update({OPTIM_PREFIX + k: v.cpu() for k, v in optim_lib.optimizer_state_by_name(self.optimizer).items()})
         return out
 
     def load_state(self, full_model: dict[str, torch.Tensor], full_optim: dict[str, torch.Tensor]) -> None:

@@ -7,6 +7,7 @@ A topology YAML::
     expert_parallel: 2         # actors per stage; a stage's experts are sharded across them
     placement: {0: r0, 1: r1}  # stage -> rack; default: stages spread over racks in order
     cpus_per_actor: 1
+    gpus_per_actor: 0          # 1: each stage actor gets a GPU and the transport is nccl (else gloo on CPU)
 
 ``build_graph(topology, num_layers)`` gives the ``ActorGraph``: one actor per
 (stage, expert shard), each pinned to its stage's rack by a label selector (a
@@ -56,6 +57,7 @@ class ActorGraph:
     expert_groups: list[list[int]]  # per stage: ranks of its expert shards
     links: list[Link] = field(default_factory=list)
     cpus_per_actor: float = 1
+    gpus_per_actor: float = 0
 
     @property
     def num_stages(self) -> int:
@@ -79,6 +81,7 @@ class Topology:
     expert_parallel: int = 1
     placement: dict[int, str] | None = None
     cpus_per_actor: float = 1
+    gpus_per_actor: float = 0
 
     def rack_of(self, stage: int) -> str:
         if self.placement is not None:
@@ -92,7 +95,7 @@ def load_topology(source: str | Path | dict) -> Topology:
     from cluster.train_config import read_mapping
 
     data, where = read_mapping(source, "topology")
-    allowed = {"racks", "pipeline_stages", "expert_parallel", "placement", "cpus_per_actor"}
+    allowed = {"racks", "pipeline_stages", "expert_parallel", "placement", "cpus_per_actor", "gpus_per_actor"}
     unknown = sorted(set(data) - allowed)
     if unknown:
         raise ValueError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
@@ -108,6 +111,10 @@ def load_topology(source: str | Path | dict) -> Topology:
     cpus = data.get("cpus_per_actor", 1)
     if isinstance(cpus, bool) or not isinstance(cpus, (int, float)) or cpus <= 0:
         raise ValueError(f"{where}: cpus_per_actor must be > 0, got {cpus!r}")
+    gpus = data.get("gpus_per_actor", 0)
+    if gpus not in (0, 1) or isinstance(gpus, bool):
+        raise ValueError(f"{where}: gpus_per_actor must be 0 (CPU, gloo) or 1 (one GPU per stage actor, nccl), "
+                         f"got {gpus!r}")
     placement = data.get("placement")
     P = data.get("pipeline_stages", 1)
     if placement is not None:
@@ -120,7 +127,7 @@ def load_topology(source: str | Path | dict) -> Topology:
         if bad:
             raise ValueError(f"{where}: placement uses unknown rack(s) {bad}; racks: {racks}")
     return Topology(racks=racks, pipeline_stages=P, expert_parallel=data.get("expert_parallel", 1),
-                    placement=placement, cpus_per_actor=float(cpus))
+                    placement=placement, cpus_per_actor=float(cpus), gpus_per_actor=gpus)
 
 
 def split_layers(num_layers: int, stages: int) -> list[tuple[int, int]]:
@@ -159,4 +166,5 @@ def build_graph(topo: Topology, num_layers: int, n_routed_experts: int | None = 
              for e in range(E) for s in range(P - 1)]
     links += [Link(rank[(s, i)].rank, rank[(s, j)].rank, "expert", "intra-rack")
               for s in range(P) for i in range(E) for j in range(E) if i != j]
-    return ActorGraph(actors, slices, pipeline_groups, expert_groups, links, topo.cpus_per_actor)
+    return ActorGraph(actors, slices, pipeline_groups, expert_groups, links, topo.cpus_per_actor,
+                      topo.gpus_per_actor)

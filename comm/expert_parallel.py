@@ -52,6 +52,7 @@ class _Plan:
 
     def __init__(self, send_counts: torch.Tensor, recv_counts: torch.Tensor, bounds: list[int]):
         # send_counts[r, e]: my pairs for shard r's local expert e; recv_counts[src, e]: pairs src sends my expert e
+        send_counts, recv_counts = send_counts.cpu(), recv_counts.cpu()  # bookkeeping on the host
         ep, n_local = send_counts.shape
         starts = torch.cumsum(send_counts.reshape(-1), 0) - send_counts.reshape(-1)
         starts = starts.view(ep, n_local)

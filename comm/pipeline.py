@@ -132,6 +132,8 @@ class PipelineRunner:
             raise ValueError(f"batch of {B} sequences is not divisible by expert shards ({mesh.ep_size}) x "
                              f"microbatches ({self.M})")
         norms = st.loss_norms(batch)
+        device = next(st.parameters()).device
+        batch = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
         local = split_batch(batch, mesh.ep_size, mesh.ep_rank)
         mbs = [self._waves(split_batch(local, self.M, m)) for m in range(self.M)]
         dtype = next(st.parameters()).dtype
@@ -145,7 +147,7 @@ class PipelineRunner:
                 post, into = ((self.links.recv_act, recv_act) if act.kind == "RECV_ACT"
                               else (self.links.recv_grad, recv_grad))
                 for w, wave in enumerate(mbs[act.mb]):
-                    into[act.mb, w] = post(self._act_shape(wave), dtype, tag(act.mb, w), mb=act.mb, wave=w)
+                    into[act.mb, w] = post(self._act_shape(wave), dtype, device, tag(act.mb, w), mb=act.mb, wave=w)
         sends: list[Future] = []
         live: dict[tuple[int, int], tuple] = {}
         for act in self.actions:
@@ -196,7 +198,8 @@ class PipelineRunner:
     def _finish(self, sums: dict, present: set, cfg) -> dict:
         mesh, st = self.mesh, self.stage
         flags = [1.0 if k in present else 0.0 for k in METRIC_KEYS]
-        vec = torch.tensor([sums[k] for k in METRIC_KEYS] + flags, dtype=torch.float64)
+        device = next(st.parameters()).device  # nccl reduces device tensors only
+        vec = torch.tensor([sums[k] for k in METRIC_KEYS] + flags, dtype=torch.float64, device=device)
         with self.tracer.span("allreduce metrics", cat="allreduce", tid="collective"):
             dist.all_reduce(vec)
         tot = dict(zip(METRIC_KEYS, vec[:len(METRIC_KEYS)].tolist()))
@@ -254,7 +257,7 @@ class PipelineRunner:
         """Global gradient norm (each parameter counted once), clipped to ``max_norm`` like
         ``torch.nn.utils.clip_grad_norm_`` (``None`` or inf: no clipping). Returns the norm before clipping."""
         mesh, st = self.mesh, self.stage
-        sq = torch.zeros((), dtype=torch.float64)
+        sq = torch.zeros((), dtype=torch.float64, device=next(st.parameters()).device)
         for n, p in st.named_parameters():
             if p.grad is None:
                 continue

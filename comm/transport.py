@@ -179,9 +179,9 @@ class PipeLinks:
                                            self.mesh.link_class_to[dst], name=f"{cat} ->{dst_stage}", cat=cat,
                                            **args)
 
-    def _recv(self, thread: str, shape, dtype, src_stage: int, group, tag: int, cat: str, **args) -> Future:
+    def _recv(self, thread: str, shape, dtype, device, src_stage: int, group, tag: int, cat: str, **args) -> Future:
         src = self.mesh.peer(src_stage)
-        buf = torch.empty(shape, dtype=dtype)
+        buf = torch.empty(shape, dtype=dtype, device=device)
 
         def run():
             dist.recv(buf, src, group=group, tag=tag)
@@ -192,16 +192,17 @@ class PipeLinks:
     def send_act(self, t, tag, **args):
         return self._send("p2p-send-act", t, self.mesh.stage + 1, self.mesh.act_send, tag, "send", kind="act", **args)
 
-    def recv_act(self, shape, dtype, tag, **args):
-        return self._recv("p2p-recv-act", shape, dtype, self.mesh.stage - 1, self.mesh.act_recv, tag, "recv", **args)
+    def recv_act(self, shape, dtype, device, tag, **args):
+        return self._recv("p2p-recv-act", shape, dtype, device, self.mesh.stage - 1, self.mesh.act_recv, tag, "recv",
+                          **args)
 
     def send_grad(self, t, tag, **args):
         return self._send("p2p-send-grad", t, self.mesh.stage - 1, self.mesh.grad_send, tag, "send", kind="grad",
                           **args)
 
-    def recv_grad(self, shape, dtype, tag, **args):
-        return self._recv("p2p-recv-grad", shape, dtype, self.mesh.stage + 1, self.mesh.grad_recv, tag, "recv",
-                          **args)
+    def recv_grad(self, shape, dtype, device, tag, **args):
+        return self._recv("p2p-recv-grad", shape, dtype, device, self.mesh.stage + 1, self.mesh.grad_recv, tag,
+                          "recv", **args)
 
     def close(self) -> None:
         for t in self.threads.values():

@@ -52,3 +52,12 @@ def test_bad_topologies(bad, match):
 def test_experts_must_divide():
     with pytest.raises(ValueError, match="divisible"):
         build_graph(load_topology({"racks": ["a"], "expert_parallel": 3}), 4, n_routed_experts=8)
+
+
+def test_gpus_per_actor_is_0_or_1():
+    from cluster.topology import build_graph, load_topology
+
+    g = build_graph(load_topology({"racks": ["r0"], "gpus_per_actor": 1}), 4, 8)
+    assert g.gpus_per_actor == 1
+    with pytest.raises(ValueError, match="gpus_per_actor must be 0"):
+        load_topology({"racks": ["r0"], "gpus_per_actor": 2})
