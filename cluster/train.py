@@ -154,6 +154,20 @@ def run_pipeline(cfg, address: str | None = None, *, progress: str = "bar") -> d
     from cluster.topology import build_graph, load_topology
     from cluster.train_config import model_args_for
 
+    from cluster import checkpoint as ckpt
+
+    latest = ckpt.latest_checkpoint(cfg.run_dir() / "checkpoints") if (cfg.run_dir() / "checkpoints").is_dir() \
+        else None
+    if latest is not None and ckpt.checkpoint_step(latest) >= cfg.total_steps:
+        rows = [json.loads(x) for x in (cfg.run_dir() / "metrics.jsonl").read_text().splitlines() if x.strip()] \
+            if (cfg.run_dir() / "metrics.jsonl").is_file() else []
+        last = rows[-5:]
+        print(f"tide: run '{cfg.name}' already finished ({latest.name}); nothing to do", flush=True)
+        return {"run_dir": str(cfg.run_dir()), "steps": ckpt.checkpoint_step(latest),
+                "first_loss": rows[0]["ce"] if rows else None,
+                "final_loss": sum(r["ce"] for r in last) / len(last) if last else None,
+                "checkpoint": str(latest), "loss_png": str(cfg.run_dir() / "loss.png"),
+                "metrics_jsonl": str(cfg.run_dir() / "metrics.jsonl")}
     args = model_args_for(cfg, cfg.data.vocab_size)
     graph = build_graph(load_topology(cfg.parallel.topology), args.num_hidden_layers, args.n_routed_experts)
     need: dict[str, float] = {}
