@@ -312,21 +312,27 @@ def cmd_plan(ns: argparse.Namespace) -> int:
                                                             if a.stage == P - 1 else [])
         print(f"  rank {a.rank}: stage {a.stage} shard {a.ep_rank} on rack {a.rack}: layers {lo}..{hi - 1}"
               f"{' + ' + ', '.join(ends) if ends else ''}, experts {a.ep_rank * per}..{(a.ep_rank + 1) * per - 1}")
-    kinds: dict[str, int] = {}
-    for link in graph.links:
-        key = f"{link.kind} {link.link_class}"
-        kinds[key] = kinds.get(key, 0) + 1
-    print("links: " + ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())))
+    pipe = [lk for lk in graph.links if lk.kind == "pipeline"]
+    by_class = {c: sum(lk.link_class == c for lk in pipe) for c in ("intra-rack", "inter-rack")}
+    print(f"pipeline links (activations forward, gradients back): {len(pipe)} "
+          f"({by_class['inter-rack']} inter-rack, {by_class['intra-rack']} intra-rack); expert all-to-all: "
+          f"{P} group(s) of {E} shard(s), intra-rack")
+    unused = sorted(set(load_topology(par.topology).racks) - {a.rack for a in graph.actors})
+    if unused:
+        print(f"note: rack(s) {unused} host no stage")
     sched = SCHEDULES[par.schedule](P, par.microbatches)
     sim = simulate(sched, f_cost=1.0, b_cost=2.0)
-    print(f"schedule {par.schedule}, {par.microbatches} microbatches per shard, {par.waves} wave(s) each "
-          f"(backward = 2 x forward):")
+    xw = min(par.expert_waves or par.waves, per)
+    print(f"schedule {par.schedule}, {par.microbatches} microbatch(es) per shard, {par.waves} wave(s) each, "
+          f"{xw} expert wave(s) per MoE layer (backward = 2 x forward):")
     print(format_schedule(sched))
     print(f"simulated bubble {sim.bubble:.3f}; peak live microbatches per stage {sim.peak_live}")
     for i, st in enumerate(cfg.curriculum):
         B = sequences_per_batch(st.batch_tokens, st.seq_len)
-        print(f"curriculum[{i}] {st.name}: {B} sequences/step -> {B // E} per shard -> "
-              f"{B // E // par.microbatches} per microbatch -> {B // E // par.microbatches // par.waves} per wave")
+        mb = B // E // par.microbatches
+        waves = "+".join(str(mb * (w + 1) // par.waves - mb * w // par.waves) for w in range(par.waves))
+        print(f"curriculum[{i}] {st.name}: {B} sequences/step -> {B // E} per shard -> {mb} per microbatch -> "
+              f"waves of {waves}")
     return 0
 
 
@@ -454,6 +460,9 @@ def main(argv: list[str] | None = None) -> int:
     except CLIError as e:  # user input; anything else is a bug and keeps its traceback
         print(f"tide: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except BrokenPipeError:  # `tide plan ... | head`
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

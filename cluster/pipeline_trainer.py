@@ -56,21 +56,27 @@ class PipelineTrainer(Trainer):
                                 waves=par.waves, expert_waves=par.expert_waves, schedule=par.schedule, link=link,
                                 trace=False, optim=optim)
         for p, info in zip(self.group.placements, self.group.info):
+            (l0, l1), (e0, e1) = info["layers"], info["experts"]
             self.log(f"  rank {p['rank']}: stage {p['stage']} shard {p['ep_rank']} on rack {p['rack']} "
-                     f"(node {p['node_id'][:8]}, pid {p['pid']}): layers {info['layers']}, experts {info['experts']}, "
+                     f"(node {p['node_id'][:8]}, pid {p['pid']}): layers {l0}..{l1 - 1}, experts {e0}..{e1 - 1}, "
                      f"{info['params'] / 1e6:.2f}M params")
         self.model = None
         self.optimizer = None
-        self.trace_window = (1, 1 + par.trace_steps) if par.trace_steps else None
-        self.trace_events: list[dict] = []
+        self.trace_window: tuple[int, int] | None = None  # [start, end) steps, fixed at this run's first step
+        self.tracing = False
 
     # ------------------------------------------------------------- the step
     def _set_mode(self, mode: str) -> None:
         self.group.call("set_attention_mode", mode)
 
     def _forward_backward(self, batch, loss_cfg: LossConfig, forced, clip):
+        n = self.cfg.parallel.trace_steps
+        if n and self.trace_window is None:  # relative to where this run (or resume) starts; skip its first step
+            first = self.step + (1 if self.cfg.total_steps - self.step > 1 else 0)
+            self.trace_window = (first, min(self.cfg.total_steps, first + n))
         if self.trace_window and self.step == self.trace_window[0]:
             self.group.call("set_trace", True)
+            self.tracing = True
         metrics = self.group.call("forward_backward", ray.put(batch), vars(loss_cfg), clip)[0]
         grad_norm = metrics.pop("grad_norm")
         metrics.pop("kl_rows", None)
@@ -78,9 +84,12 @@ class PipelineTrainer(Trainer):
 
     def _apply_update(self, lr: float, bias_speed: float | None) -> dict[str, float]:
         cv = self.group.call("apply", lr, bias_speed)[0]
-        if self.trace_window and self.step == self.trace_window[1] - 1:
-            self._write_trace()
+        self._maybe_write_trace()
         return cv
+
+    def _maybe_write_trace(self) -> None:
+        if self.tracing and self.step >= self.trace_window[1] - 1:
+            self._write_trace()
 
     def _inject_failure(self) -> None:
         """Testing hook (``fail_at_step``): the last stage actor's process dies; the step then fails with
@@ -90,6 +99,7 @@ class PipelineTrainer(Trainer):
 
     def _discard(self) -> None:
         self.group.call("discard")
+        self._maybe_write_trace()
 
     def _rollback(self):
         good = super()._rollback()
@@ -99,14 +109,15 @@ class PipelineTrainer(Trainer):
         return good
 
     def _write_trace(self) -> None:
+        self.tracing = False
         events = [e for ev in self.group.call("trace_events") for e in ev]
         self.group.call("set_trace", False)
         path = write_chrome_trace(events, self.run_dir / "trace.json")
         png = plot_timeline(events, self.run_dir / "timeline.png",
-                            title=f"{self.cfg.name}: steps {self.trace_window[0]}..{self.trace_window[1] - 1}")
+                            title=f"{self.cfg.name}: steps {self.trace_window[0]}..{self.step}")
         s = summarize(events)
         (self.run_dir / "trace_summary.json").write_text(json.dumps(s, indent=2, default=str))
-        self.log(f"timeline of steps {self.trace_window[0]}..{self.trace_window[1] - 1}: {path} "
+        self.log(f"timeline of steps {self.trace_window[0]}..{self.step}: {path} "
                  f"(open in https://ui.perfetto.dev or chrome://tracing), {png}; bubble {s['bubble']:.2f}, "
                  f"comm overlapped {s['overlap_fraction']:.0%}")
 

@@ -20,9 +20,13 @@ the rack label, never from Ray Train's rank order.
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+
+RACK_NAME = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?")  # Ray (Kubernetes-style) label values
 
 
 @dataclass(frozen=True)
@@ -104,6 +108,10 @@ def load_topology(source: str | Path | dict) -> Topology:
         raise ValueError(f"{where}: racks must be a non-empty list of rack names")
     if len(set(racks)) != len(racks):
         raise ValueError(f"{where}: duplicate rack names in {racks}")
+    bad_names = [r for r in racks if not RACK_NAME.fullmatch(r)]
+    if bad_names:
+        raise ValueError(f"{where}: rack names {bad_names} cannot be Ray node label values: use 1-63 letters, "
+                         f"digits, '-', '_' or '.', starting and ending with a letter or digit")
     for key in ("pipeline_stages", "expert_parallel"):
         v = data.get(key, 1)
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -120,6 +128,12 @@ def load_topology(source: str | Path | dict) -> Topology:
     if placement is not None:
         if not isinstance(placement, dict):
             raise ValueError(f"{where}: placement must map stage -> rack")
+        bad_items = [(k, v) for k, v in placement.items()
+                     if isinstance(k, bool) or not isinstance(k, int) and not (isinstance(k, str) and k.isdigit())
+                     or not isinstance(v, str)]
+        if bad_items:
+            raise ValueError(f"{where}: placement must map stage numbers to rack names (e.g. {{0: r0, 1: r1}}), "
+                             f"got {bad_items}")
         placement = {int(k): v for k, v in placement.items()}
         if sorted(placement) != list(range(P)):
             raise ValueError(f"{where}: placement must name a rack for every stage 0..{P - 1}, got {sorted(placement)}")

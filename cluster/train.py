@@ -177,13 +177,19 @@ def run_pipeline(cfg, address: str | None = None, *, progress: str = "bar") -> d
     local = None
     mode = "joined"
     if not ray.is_initialized():
+        from cluster.local_racks import reachable_ray_address
+
+        target = explicit or reachable_ray_address()
         try:
-            ray.init(address=explicit or "auto", log_to_driver=True)
+            if target is None:  # nothing (alive) to join; a stale address file would make "auto" hang
+                raise ConnectionError("no running Ray cluster on this machine")
+            ray.init(address=target, log_to_driver=True)
         except ConnectionError:
             if explicit or not cfg.parallel.local_racks:
                 raise ValueError(f"no Ray cluster to join at {explicit or 'this machine'}; start one whose nodes "
-                                 f"carry the racks' labels (`ray start --labels rack=<name>`) or set "
-                                 f"parallel.local_racks: true to simulate the racks locally") from None
+                                 f"carry the racks' labels (`ray start --labels rack=<name>`)"
+                                 + ("" if explicit else " or set parallel.local_racks: true to simulate the racks "
+                                    "locally")) from None
         else:
             racks = {(n.get("Labels") or {}).get("rack") for n in ray.nodes() if n.get("Alive")}
             missing = sorted(set(need) - racks)
@@ -221,7 +227,6 @@ def run_pipeline(cfg, address: str | None = None, *, progress: str = "bar") -> d
                 trainer.shutdown()
     finally:
         if local is not None:
-            ray.shutdown()
             local.shutdown()
     run_dir = cfg.run_dir()
     summary.update(checkpoint=summary.get("latest_checkpoint"), loss_png=str(run_dir / "loss.png"),

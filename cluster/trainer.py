@@ -366,41 +366,47 @@ class Trainer:
             bar = tqdm(total=total, initial=self.step, desc="train", unit="step", file=sys.stdout,
                        mininterval=1.0, dynamic_ncols=True)
         fail_marker = self.run_dir / ".injected_failure_done"
-        while self.step < total:
-            stage, _ = self._apply_stage()
-            if cfg.fail_at_step is not None and self.step == cfg.fail_at_step and not fail_marker.exists():
-                fail_marker.write_text("1")
-                self._inject_failure()
-            t0 = time.perf_counter()
-            batch, forced = self._next_batch()  # includes the early routing pass when it is on
-            if cfg.inject_spike_at_step == self.step:
-                g = torch.Generator().manual_seed(self.step)
-                rnd = torch.randint(3, cfg.data.vocab_size, batch["input_ids"].shape, generator=g)
-                # garbage in, one constant (rare) token out: what a corrupt shard looks like to the loss
-                batch = {**batch, "input_ids": rnd, "labels": torch.full_like(rnd, cfg.data.vocab_size - 1)}
-            row = self.train_step(batch, stage, forced)
-            row["step_time"] = time.perf_counter() - t0
-            row["tokens_per_s"] = row["tokens"] / row["step_time"]
-            self._write_metrics(row)
-            self.step += 1
-            committed = None
-            due = self.step % cfg.checkpoint.every_steps == 0 or self.step == total
-            if due and self.ar_remaining == 0 and not self.ar_queue:
-                recent_spike = bool(self.spikes) and self.spikes[-1] >= self.step - cfg.checkpoint.every_steps
-                committed = self.save(good=not recent_spike)
+        log = self.log
+        if bar is not None:  # messages above the bar, not glued to it
+            self.log = bar.write
+        try:
+            while self.step < total:
+                stage, _ = self._apply_stage()
+                if cfg.fail_at_step is not None and self.step == cfg.fail_at_step and not fail_marker.exists():
+                    fail_marker.write_text("1")
+                    self._inject_failure()
+                t0 = time.perf_counter()
+                batch, forced = self._next_batch()  # includes the early routing pass when it is on
+                if cfg.inject_spike_at_step == self.step:
+                    g = torch.Generator().manual_seed(self.step)
+                    rnd = torch.randint(3, cfg.data.vocab_size, batch["input_ids"].shape, generator=g)
+                    # garbage in, one constant (rare) token out: what a corrupt shard looks like to the loss
+                    batch = {**batch, "input_ids": rnd, "labels": torch.full_like(rnd, cfg.data.vocab_size - 1)}
+                row = self.train_step(batch, stage, forced)
+                row["step_time"] = time.perf_counter() - t0
+                row["tokens_per_s"] = row["tokens"] / row["step_time"]
+                self._write_metrics(row)
+                self.step += 1
+                committed = None
+                due = self.step % cfg.checkpoint.every_steps == 0 or self.step == total
+                if due and self.ar_remaining == 0 and not self.ar_queue:
+                    recent_spike = bool(self.spikes) and self.spikes[-1] >= self.step - cfg.checkpoint.every_steps
+                    committed = self.save(good=not recent_spike)
+                if bar is not None:
+                    bar.set_postfix(stage=cfg.curriculum[self.stage_index].name, loss=f"{row['ce']:.3f}",
+                                    tok_s=f"{row['tokens_per_s']:.0f}", refresh=False)
+                    bar.update(1)
+                elif self.progress == "lines" and (self.step % self.log_every == 0 or self.step == total):
+                    self.log(f"step {self.step}/{total} [{cfg.curriculum[self.stage_index].name}] "
+                             f"loss {row['ce']:.3f} lr {row['lr']:.2e} {row['tokens_per_s']:.0f} tok/s"
+                             + (" (anticipatory routing)" if row["anticipatory_routing"] else "")
+                             + (f" checkpoint {committed.name}" if committed else ""))
+                if self.report is not None:
+                    self.report(row, committed)
+        finally:
+            self.log = log
             if bar is not None:
-                bar.set_postfix(stage=cfg.curriculum[self.stage_index].name, loss=f"{row['ce']:.3f}",
-                                tok_s=f"{row['tokens_per_s']:.0f}", refresh=False)
-                bar.update(1)
-            elif self.progress == "lines" and (self.step % self.log_every == 0 or self.step == total):
-                self.log(f"step {self.step}/{total} [{cfg.curriculum[self.stage_index].name}] "
-                         f"loss {row['ce']:.3f} lr {row['lr']:.2e} {row['tokens_per_s']:.0f} tok/s"
-                         + (" (anticipatory routing)" if row["anticipatory_routing"] else "")
-                         + (f" checkpoint {committed.name}" if committed else ""))
-            if self.report is not None:
-                self.report(row, committed)
-        if bar is not None:
-            bar.close()
+                bar.close()
         self._plot()
         return self.summary()
 

@@ -61,3 +61,15 @@ def test_gpus_per_actor_is_0_or_1():
     assert g.gpus_per_actor == 1
     with pytest.raises(ValueError, match="gpus_per_actor must be 0"):
         load_topology({"racks": ["r0"], "gpus_per_actor": 2})
+
+
+@pytest.mark.parametrize("topo,match", [
+    ({"racks": ["rack 0", "r1"]}, "cannot be Ray node label values"),
+    ({"racks": ["r0", "r1"], "pipeline_stages": 2, "placement": {0: ["r0"], 1: "r1"}}, "placement must map"),
+    ({"racks": ["r0", "r1"], "pipeline_stages": 2, "placement": {"a": "r0", 1: "r1"}}, "placement must map"),
+])
+def test_bad_rack_names_and_placements(topo, match):
+    from cluster.topology import load_topology
+
+    with pytest.raises(ValueError, match=match):
+        load_topology(topo)
