@@ -132,54 +132,30 @@ class _ExpertWaves(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_sorted, gate_up, down, ep: ExpertParallel, experts, plan: _Plan, track: bool):
-        W = len(plan.waves)
-        y_sorted = torch.empty_like(x_sorted)
         gu = gate_up.detach().requires_grad_(track)
         dn = down.detach().requires_grad_(track)
         saved = []
 
-        def dispatch(w):
-            wv = plan.waves[w]
-            return ep._a2a(x_sorted[wv["send_idx"]], wv["recv_splits"], wv["send_splits"], "dispatch", w)
-
-        pending = dispatch(0)
-        combines = []
-        for w in range(W):
-            nxt = dispatch(w + 1) if w + 1 < W else None
-            wv = plan.waves[w]
-            x_recv = ep.comm.wait(pending, "wait dispatch", wave=w)
+        def compute(w, wv, x_recv):
             with torch.enable_grad():
                 xg = x_recv[wv["perm"]].detach().requires_grad_(track)
                 yg = experts.grouped(xg, wv["counts"], gu[wv["b0"]:wv["b1"]], dn[wv["b0"]:wv["b1"]])
+            saved.append((xg, yg))
             y_recv = torch.empty_like(yg.detach())
             y_recv[wv["perm"]] = yg.detach()
-            combines.append(ep._a2a(y_recv, wv["send_splits"], wv["recv_splits"], "combine", w))
-            saved.append((xg, yg))
-            pending = nxt
-        for w, fut in enumerate(combines):
-            y_sorted[plan.waves[w]["send_idx"]] = ep.comm.wait(fut, "wait combine", wave=w)
+            return y_recv
+
+        y_sorted = _run_waves(ep, plan, x_sorted, compute)
         ctx.ep, ctx.plan, ctx.saved, ctx.gu, ctx.dn = ep, plan, saved, gu, dn
         return y_sorted
 
     @staticmethod
     def backward(ctx, g_sorted):
         ep, plan, saved, gu, dn = ctx.ep, ctx.plan, ctx.saved, ctx.gu, ctx.dn
-        W = len(plan.waves)
-        g_sorted = g_sorted.contiguous()
-        gx_sorted = torch.zeros_like(g_sorted)
         g_gu = torch.zeros_like(gu)
         g_dn = torch.zeros_like(dn)
 
-        def dispatch(w):
-            wv = plan.waves[w]
-            return ep._a2a(g_sorted[wv["send_idx"]], wv["recv_splits"], wv["send_splits"], "dispatch", w)
-
-        pending = dispatch(0)
-        combines = []
-        for w in range(W):
-            nxt = dispatch(w + 1) if w + 1 < W else None
-            wv = plan.waves[w]
-            g_recv = ep.comm.wait(pending, "wait dispatch", wave=w)
+        def compute(w, wv, g_recv):
             xg, yg = saved[w]
             gx_recv = torch.zeros_like(g_recv)
             if yg.requires_grad and yg.numel():
@@ -187,12 +163,38 @@ class _ExpertWaves(torch.autograd.Function):
                 if gxg is not None:
                     gx_recv[wv["perm"]] = gxg
                 if a is not None:
-                    g_gu += a
+                    g_gu.add_(a)
                 if b is not None:
-                    g_dn += b
-            combines.append(ep._a2a(gx_recv, wv["send_splits"], wv["recv_splits"], "combine", w))
-            pending = nxt
-        for w, fut in enumerate(combines):
-            gx_sorted[plan.waves[w]["send_idx"]] = ep.comm.wait(fut, "wait combine", wave=w)
+                    g_dn.add_(b)
+            return gx_recv
+
+        gx_sorted = _run_waves(ep, plan, g_sorted.contiguous(), compute)
         ctx.saved = None
         return gx_sorted, g_gu, g_dn, None, None, None, None
+
+
+def _run_waves(ep: ExpertParallel, plan: _Plan, src_sorted: torch.Tensor, compute) -> torch.Tensor:
+    """The wave pipeline shared by forward and backward.
+
+    For each wave w: all-to-all the rows of ``src_sorted [N*K, D]`` bound for wave w's
+    experts (dispatch; wave w+1's is issued before wave w computes), ``compute(w, wave,
+    received [R, D]) -> [R, D]`` in received order, all-to-all the result back
+    (combine, overlapping later waves). Returns ``[N*K, D]`` in ``src_sorted``'s row order.
+    """
+    def dispatch(w):
+        wv = plan.waves[w]
+        return ep._a2a(src_sorted[wv["send_idx"]], wv["recv_splits"], wv["send_splits"], "dispatch", w)
+
+    W = len(plan.waves)
+    out = torch.zeros_like(src_sorted)
+    pending = dispatch(0)
+    combines = []
+    for w in range(W):
+        nxt = dispatch(w + 1) if w + 1 < W else None
+        wv = plan.waves[w]
+        result = compute(w, wv, ep.comm.wait(pending, "wait dispatch", wave=w))
+        combines.append(ep._a2a(result, wv["send_splits"], wv["recv_splits"], "combine", w))
+        pending = nxt
+    for w, fut in enumerate(combines):
+        out[plan.waves[w]["send_idx"]] = ep.comm.wait(fut, "wait combine", wave=w)
+    return out

@@ -10,7 +10,6 @@ import ray
 import torch
 
 from actors.group import PlacementError, StageGroup
-from cluster.local_racks import start_local_racks
 from cluster.topology import Topology, build_graph
 from model import Transformer
 from model.stage import is_expert_param
@@ -18,15 +17,7 @@ from model.training import LossConfig, compute_losses, set_attention_mode
 from tests.comm.pp_worker import make_batch, debug_args
 
 
-@pytest.fixture(scope="module")
-def racks():
-    cluster = start_local_racks({"r0": 2, "r1": 2})
-    yield cluster
-    ray.shutdown()
-    cluster.shutdown()
-
-
-def test_stage_actors_on_their_racks_match_single_process(racks):
+def test_stage_actors_on_their_racks_match_single_process(two_racks):
     args = debug_args()
     topo = Topology(racks=["r0", "r1"], pipeline_stages=2, expert_parallel=2, cpus_per_actor=1)
     graph = build_graph(topo, args.num_hidden_layers, args.n_routed_experts)
@@ -63,7 +54,7 @@ def test_stage_actors_on_their_racks_match_single_process(racks):
         group.shutdown()
 
 
-def test_unplaceable_topology_is_a_clear_error(racks):
+def test_unplaceable_topology_is_a_clear_error(two_racks):
     args = debug_args()
     topo = Topology(racks=["r0", "r9"], pipeline_stages=2, expert_parallel=1)
     graph = build_graph(topo, args.num_hidden_layers, args.n_routed_experts)

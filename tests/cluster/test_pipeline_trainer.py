@@ -12,10 +12,8 @@ import json
 from pathlib import Path
 
 import pytest
-import ray
 
 from cluster import checkpoint as ckpt
-from cluster.local_racks import start_local_racks
 from cluster.train import run_pipeline
 from cluster.train_config import load_train_config
 from cluster.trainer import Trainer, export_hf
@@ -41,15 +39,7 @@ def _rows(run_dir: Path) -> list[dict]:
     return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
 
 
-@pytest.fixture(scope="module")
-def racks():
-    cluster = start_local_racks({"r0": 1, "r1": 1})
-    yield cluster
-    ray.shutdown()
-    cluster.shutdown()
-
-
-def test_pipeline_run_matches_single_process_and_relayouts(tmp_path, racks):
+def test_pipeline_run_matches_single_process_and_relayouts(tmp_path, two_racks):
     single = Trainer(load_train_config(_config(tmp_path, "single", False)), progress="none")
     single.run()
     ref = _rows(single.run_dir)
@@ -93,7 +83,7 @@ def test_pipeline_run_matches_single_process_and_relayouts(tmp_path, racks):
         assert abs(a["ce"] - b["ce"]) <= 1e-5 * b["ce"], (a["step"], a["ce"], b["ce"])
 
 
-def test_a_dead_stage_actor_restarts_the_graph_from_the_last_checkpoint(tmp_path, racks):
+def test_a_dead_stage_actor_restarts_the_graph_from_the_last_checkpoint(tmp_path, two_racks):
     cfg = _config(tmp_path, "crash", True, steps=(3, 1, 2))
     clean = run_pipeline(load_train_config(_config(tmp_path, "clean", True, steps=(3, 1, 2))), progress="none")
     run_pipeline(load_train_config({**cfg, "fail_at_step": 3}), progress="none")
