@@ -66,7 +66,8 @@ class StageGroup:
         Remote = ray.remote(StageWorker)
         self.actors = [
             Remote.options(num_cpus=graph.cpus_per_actor, num_gpus=graph.gpus_per_actor,
-                           scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i))
+                           scheduling_strategy=PlacementGroupSchedulingStrategy(
+                               self.pg, placement_group_bundle_index=i))
             .remote(graph, a.rank, model_args, **worker_kwargs)
             for i, a in enumerate(graph.actors)]
         self.placements = ray.get([w.placement.remote() for w in self.actors])

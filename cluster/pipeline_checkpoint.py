@@ -222,7 +222,7 @@ def save_pipeline_checkpoint(root: str | Path, step: int, shards: dict[tuple[int
         raise ValueError("meta['layout'] differs from the layout argument")
     groups: dict[str, dict[str, torch.Tensor]] = {}
     keys = set()
-    for key, tensors in shards.items():
+    for key in shards:
         if not (isinstance(key, tuple) and len(key) == 2):
             raise ValueError(f"shards keys must be (stage, ep_rank) tuples, got {key!r}")
         keys.add(shard_group(*key))
@@ -312,7 +312,7 @@ def _convert_single(path: Path, groups: dict, meta: dict, ref) -> dict[str, torc
         if len(order) != len(names):
             raise ValueError(f"{path}: the {part} optimizer steps {len(order)} parameters, model_args give "
                              f"{len(names)}; the checkpoint does not match its model_args")
-        by_index = dict(zip(order, names))
+        by_index = dict(zip(order, names, strict=True))
         for idx, st in inner["state"].items():
             if idx not in by_index:
                 raise ValueError(f"{path}: {part} optimizer state for unknown parameter index {idx}")

@@ -55,7 +55,7 @@ class PipelineTrainer(Trainer):
         self.group = StageGroup(self.graph, self.args.to_dict(), seed=self.cfg.seed, microbatches=par.microbatches,
                                 waves=par.waves, expert_waves=par.expert_waves, schedule=par.schedule, link=link,
                                 trace=False, optim=optim)
-        for p, info in zip(self.group.placements, self.group.info):
+        for p, info in zip(self.group.placements, self.group.info, strict=True):
             (l0, l1), (e0, e1) = info["layers"], info["experts"]
             self.log(f"  rank {p['rank']}: stage {p['stage']} shard {p['ep_rank']} on rack {p['rack']} "
                      f"(node {p['node_id'][:8]}, pid {p['pid']}): layers {l0}..{l1 - 1}, experts {e0}..{e1 - 1}, "
@@ -132,7 +132,7 @@ class PipelineTrainer(Trainer):
     def save(self, good: bool) -> Path:
         states = self.group.call("state")
         infos = self.group.call("shard_info")
-        shards = {(i["stage"], i["ep_rank"]): st for i, st in zip(infos, states)}
+        shards = {(i["stage"], i["ep_rank"]): st for i, st in zip(infos, states, strict=True)}
         meta = {"loader": self.loader.state_dict(), "rng": ckpt.rng_state(), "stage_index": self.stage_index,
                 "ema": self.ema, "ema_count": self.ema_count, "spikes": self.spikes, "rollbacks": self.rollbacks,
                 "model_args": self.args.to_dict()}

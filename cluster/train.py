@@ -31,10 +31,10 @@ def _worker_loop(config: dict) -> None:
 
     import ray.train
 
-    from cluster.train_config import load_train_config
-
     # Ray Train logs a ~1 KB line per report; its logger is named after the module file.
     import ray.train.v2._internal.execution.context as _ctx
+
+    from cluster.train_config import load_train_config
 
     for name in ("ray.train", _ctx.__name__, _ctx.__file__):
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -150,11 +150,10 @@ def run_pipeline(cfg, address: str | None = None, *, progress: str = "bar") -> d
     import ray
     from ray.exceptions import RayActorError
 
+    from cluster import checkpoint as ckpt
     from cluster.pipeline_trainer import PipelineTrainer
     from cluster.topology import build_graph, load_topology
     from cluster.train_config import model_args_for
-
-    from cluster import checkpoint as ckpt
 
     latest = ckpt.latest_checkpoint(cfg.run_dir() / "checkpoints") if (cfg.run_dir() / "checkpoints").is_dir() \
         else None
@@ -209,7 +208,8 @@ def run_pipeline(cfg, address: str | None = None, *, progress: str = "bar") -> d
                 print(f"tide: note: the simulated racks declare {sum(need.values()):g} CPUs on a {cores}-core "
                       f"machine; actors will time-slice the cores", flush=True)
             local = start_local_racks(need)
-            mode = f"embedded ({len(need)} simulated racks: " + ", ".join(f"{r}={c:g} CPU" for r, c in need.items()) + ")"
+            mode = (f"embedded ({len(need)} simulated rack(s): "
+                    + ", ".join(f"{r}={c:g} CPU" for r, c in need.items()) + ")")
     print(f"tide: {mode} Ray cluster; pipeline run '{cfg.name}' in {cfg.run_dir()} "
           f"({len(cfg.curriculum)} stages, {cfg.total_steps} steps)", flush=True)
     try:

@@ -69,7 +69,7 @@ class LinkModel:
                 for name, c in self.classes.items()}
 
     @classmethod
-    def from_dict(cls, data: dict, *, enabled: bool = True, source: str = "link model") -> "LinkModel":
+    def from_dict(cls, data: dict, *, enabled: bool = True, source: str = "link model") -> LinkModel:
         """Build from ``{class: {latency_us, bandwidth_gbps}}``; classes not given keep their defaults.
 
         Raises:
@@ -92,7 +92,7 @@ class LinkModel:
         return cls(classes, enabled)
 
     @classmethod
-    def from_file(cls, path: str | Path, *, enabled: bool = True) -> "LinkModel":
+    def from_file(cls, path: str | Path, *, enabled: bool = True) -> LinkModel:
         """Load a calibration file (JSON or YAML)."""
         import yaml
 

@@ -196,14 +196,14 @@ class PipelineRunner:
 
     # ------------------------------------------------------ reductions
     def _finish(self, sums: dict, present: set, cfg) -> dict:
-        mesh, st = self.mesh, self.stage
+        st = self.stage
         flags = [1.0 if k in present else 0.0 for k in METRIC_KEYS]
         device = next(st.parameters()).device  # nccl reduces device tensors only
         vec = torch.tensor([sums[k] for k in METRIC_KEYS] + flags, dtype=torch.float64, device=device)
         with self.tracer.span("allreduce metrics", cat="allreduce", tid="collective"):
             dist.all_reduce(vec)
-        tot = dict(zip(METRIC_KEYS, vec[:len(METRIC_KEYS)].tolist()))
-        have = {k for k, f in zip(METRIC_KEYS, vec[len(METRIC_KEYS):].tolist()) if f > 0}
+        tot = dict(zip(METRIC_KEYS, vec[:len(METRIC_KEYS)].tolist(), strict=True))
+        have = {k for k, f in zip(METRIC_KEYS, vec[len(METRIC_KEYS):].tolist(), strict=True) if f > 0}
         self.kl_rows = tot["kl_rows"]
         if self.kl_rows > 0:
             for p in st.indexer_parameters():

@@ -32,7 +32,10 @@ class Action:
     peer: int | None = None
 
     def __str__(self) -> str:
-        return f"{self.kind}({self.mb}{'' if self.peer is None else f'->{self.peer}' if self.kind.startswith('SEND') else f'<-{self.peer}'})"
+        if self.peer is None:
+            return f"{self.kind}({self.mb})"
+        arrow = "->" if self.kind.startswith("SEND") else "<-"
+        return f"{self.kind}({self.mb}{arrow}{self.peer})"
 
 
 def _fwd(s: int, P: int, mb: int) -> list[Action]:

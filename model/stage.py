@@ -76,7 +76,7 @@ class LossNorms:
     sequences: int
 
     @staticmethod
-    def of(batch: dict) -> "LossNorms":
+    def of(batch: dict) -> LossNorms:
         """Denominators of a whole (global) batch dict with ``labels [B,S]``."""
         labels = batch["labels"]
         mtp = labels[:, 1:].clone()
@@ -108,7 +108,7 @@ class PipelineStage(nn.Module):
 
     @classmethod
     def from_model(cls, model: Transformer, start: int, end: int, first: bool, last: bool,
-                   ep_rank: int = 0, ep_size: int = 1) -> "PipelineStage":
+                   ep_rank: int = 0, ep_size: int = 1) -> PipelineStage:
         """Take layers ``[start, end)`` (and the ends' modules) of ``model``; keep expert shard ``ep_rank``.
 
         The model must not be used afterwards (its modules are shared, experts replaced).

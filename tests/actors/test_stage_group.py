@@ -14,7 +14,7 @@ from cluster.topology import Topology, build_graph
 from model import Transformer
 from model.stage import is_expert_param
 from model.training import LossConfig, compute_losses, set_attention_mode
-from tests.comm.pp_worker import make_batch, debug_args
+from tests.comm.pp_worker import debug_args, make_batch
 
 
 def test_stage_actors_on_their_racks_match_single_process(two_racks):
@@ -39,7 +39,7 @@ def test_stage_actors_on_their_racks_match_single_process(two_racks):
         assert all(abs(m["loss"] - loss.item()) <= 1e-5 * loss.item() for m in metrics)
         ref_grads = dict(ref.named_parameters())
         checked = 0
-        for info, g in zip(infos, grads):
+        for info, g in zip(infos, grads, strict=True):
             for name, grad in g.items():
                 want = ref_grads[name].grad
                 if is_expert_param(name):

@@ -26,7 +26,7 @@ PARALLEL = {"topology": {"racks": ["r0", "r1"], "pipeline_stages": 2, "expert_pa
 
 def _config(tmp: Path, name: str, parallel: bool, steps=(3, 1, 3)) -> dict:
     cfg = tiny_config(tmp, name)
-    for st, n in zip(cfg["curriculum"], steps):
+    for st, n in zip(cfg["curriculum"], steps, strict=True):
         st["batch_tokens"] = 1024  # 16 x 64 and 8 x 128 tokens: 2 shards x 2 microbatches x 2 waves
         st["steps"] = n
     cfg["checkpoint"] = {"every_steps": 2, "keep": 3}
@@ -48,7 +48,7 @@ def test_pipeline_run_matches_single_process_and_relayouts(tmp_path, two_racks):
     run_dir = Path(summary["run_dir"])
     rows = _rows(run_dir)
     assert [r["step"] for r in rows] == [r["step"] for r in ref] == list(range(7))
-    for a, b in zip(rows, ref):
+    for a, b in zip(rows, ref, strict=True):
         assert abs(a["ce"] - b["ce"]) <= 1e-5 * b["ce"], (a["step"], a["ce"], b["ce"])
         assert a["attention"] == b["attention"]
     # checkpoints: one group per (stage, expert shard), verified by the store
@@ -79,7 +79,7 @@ def test_pipeline_run_matches_single_process_and_relayouts(tmp_path, two_racks):
     run_pipeline(cfg, progress="none")
     cont = _rows(tmp_path / "relayout")
     assert [r["step"] for r in cont] == list(range(7))
-    for a, b in zip(cont[4:], ref[4:]):
+    for a, b in zip(cont[4:], ref[4:], strict=True):
         assert abs(a["ce"] - b["ce"]) <= 1e-5 * b["ce"], (a["step"], a["ce"], b["ce"])
 
 
@@ -90,5 +90,5 @@ def test_a_dead_stage_actor_restarts_the_graph_from_the_last_checkpoint(tmp_path
     assert (tmp_path / "crash" / ".injected_failure_done").exists()
     got, want = _rows(tmp_path / "crash"), _rows(Path(clean["run_dir"]))
     assert [r["step"] for r in got] == list(range(6))  # steps 2.. replayed from the step-2 checkpoint, once each
-    for a, b in zip(got, want):
+    for a, b in zip(got, want, strict=True):
         assert a["ce"] == pytest.approx(b["ce"], abs=1e-6), a["step"]
