@@ -35,6 +35,7 @@ from torch import nn
 
 from .attention import Attention
 from .moe import MoE
+from .state import ModelState
 from .training import IGNORE, LossConfig, _reset_kl, sequence_balance_loss
 from .transformer import Transformer
 
@@ -93,7 +94,9 @@ class PipelineStage(nn.Module):
     - first stage: ``inp`` is None; embeds ``input_ids [B,S]`` into ``hc_mult`` streams;
     - other stages: ``inp`` is the previous stage's streams ``[B,S,N,E]``;
     - returns streams ``[B,S,N,E]``, or on the last stage the hidden state after the
-      hyper-head ``[B,S,E]`` (before the final norm), as ``Transformer.forward_hidden``.
+      hyper-head ``[B,S,E]`` (before the final norm), as ``Transformer.forward_hidden``;
+    - with ``state`` (``new_state``; inference) positions continue from ``state.pos``
+      and the state advances, as ``Transformer.forward`` with a ``ModelState``.
     """
 
     def __init__(self, args, start: int, end: int, first: bool, last: bool, expert_lo: int, expert_hi: int):
@@ -156,9 +159,20 @@ class PipelineStage(nn.Module):
     def attentions(self) -> list[Attention]:
         return [m for m in self.modules() if isinstance(m, Attention)]
 
+    # ----------------------------------------------------------------- state
+    def new_state(self, batch: int = 1, dtype: torch.dtype | None = None, device=None) -> ModelState:
+        """An empty decode state of this stage's layers (and its MTP block on the last stage)
+        for ``batch`` sequences; ``forward(..., state=...)`` advances it (``model.state``)."""
+        p = next(self.parameters())
+        dtype, device = dtype or p.dtype, device or p.device
+        st = ModelState([blk.self_attn.new_state(batch, dtype, device) for blk in self.layers.values()])
+        if len(self.mtp):
+            st.mtp = self.mtp[0].block.self_attn.new_state(batch, dtype, device)
+        return st
+
     # ---------------------------------------------------------------- forward
     def forward(self, inp: torch.Tensor | None, input_ids: torch.Tensor,
-                doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+                doc_ids: torch.Tensor | None = None, state: ModelState | None = None) -> torch.Tensor:
         if self.first:
             x = self.embed_tokens(input_ids)
             streams = x.unsqueeze(2).expand(-1, -1, self.args.hc_mult, -1).contiguous()
@@ -167,9 +181,16 @@ class PipelineStage(nn.Module):
                 raise ValueError(f"stage {self.start}..{self.end} needs streams [B,S,N,E] matching input_ids "
                                  f"{tuple(input_ids.shape)}, got {None if inp is None else tuple(inp.shape)}")
             streams = inp
-        for blk in self.layers.values():
-            streams = blk(streams, input_ids, 0, None, doc_ids)
+        pos0 = state.pos if state is not None else 0
+        for j, blk in enumerate(self.layers.values()):
+            streams = blk(streams, input_ids, pos0, state.layers[j] if state is not None else None, doc_ids)
+        if state is not None:
+            state.pos += input_ids.shape[1]
         return self.hc_head(streams) if self.last else streams
+
+    def logits(self, hidden_BSE: torch.Tensor) -> torch.Tensor:
+        """LM-head logits ``[B,S,V]`` of the last stage's ``forward`` output (final norm + head)."""
+        return self.lm_head(self.norm(hidden_BSE))
 
     def losses(self, out: torch.Tensor, batch: dict, norms: LossNorms, cfg: LossConfig) -> tuple[torch.Tensor, dict]:
         """This stage's share of the training objective for one (micro)batch after ``forward``.

@@ -81,3 +81,28 @@ def test_bad_slices_and_shards_are_errors(model):
     st = PipelineStage.from_model(fresh(), 2, 4, False, True)
     with pytest.raises(ValueError, match="streams"):
         st(None, _batch()["input_ids"])
+
+
+@torch.no_grad()
+def test_stages_with_decode_state_generate_like_the_model():
+    m = fresh().eval()
+    prompt = _batch(B=2, S=40)["input_ids"]
+    want = m.generate(prompt, 12, chunk_size=16)
+    stages = [PipelineStage.from_model(fresh().eval(), lo, hi, lo == 0, hi == 4) for lo, hi in ((0, 2), (2, 3), (3, 4))]
+    states = [st.new_state(2) for st in stages]
+
+    def step(ids):
+        x = None
+        for st, state in zip(stages, states, strict=True):
+            x = st(x, ids, state=state)
+        return stages[-1].logits(x[:, -1:])[:, -1]
+
+    for c in range(0, prompt.shape[1], 16):  # chunked prefill through the stages
+        logits = step(prompt[:, c:c + 16])
+    out = [prompt]
+    for _ in range(12):
+        nxt = logits.argmax(-1, keepdim=True)
+        out.append(nxt)
+        logits = step(nxt)
+    assert torch.equal(torch.cat(out, 1), want)
+    assert all(s.pos == 40 + 12 for s in states)
