@@ -109,3 +109,31 @@ class StageGroup:
         for w in self.actors:
             ray.kill(w)
         remove_placement_group(self.pg)
+
+
+def pipeline_generate(group: StageGroup, input_ids, max_new_tokens: int, chunk_size: int = 2048):
+    """Greedy continuation through the stage actors: chunked prefill, then one token per step.
+
+    ``input_ids [B, S]`` int64 (B divisible by the expert shards). Returns ``[B, S + new]``;
+    token for token what ``model.Transformer.generate`` gives on the same weights.
+    """
+    import torch
+
+    B = input_ids.shape[0]
+    group.call("infer_reset", B)
+    last = group.graph.num_stages - 1
+    ranks = [a.rank for a in sorted(group.graph.actors, key=lambda a: a.ep_rank) if a.stage == last]
+
+    def step(ids):
+        out = group.call("infer_step", ids)
+        return torch.cat([out[r] for r in ranks])  # the last stage's shards, in batch order
+
+    logits = None
+    for c in range(0, input_ids.shape[1], chunk_size):
+        logits = step(input_ids[:, c:c + chunk_size])
+    out = [input_ids]
+    for _ in range(max_new_tokens):
+        nxt = logits.argmax(-1, keepdim=True)
+        out.append(nxt)
+        logits = step(nxt)
+    return torch.cat(out, 1)

@@ -141,6 +141,41 @@ class StageWorker:
         """Drop the step's gradients (a detected loss spike)."""
         self.optimizer.zero_grad()
 
+    # ------------------------------------------------------------- inference
+    def infer_reset(self, batch: int) -> None:
+        """Start ``batch`` new sequences (split over the expert shards): an empty decode state."""
+        E = self.mesh.ep_size
+        if batch % E:
+            raise ValueError(f"batch {batch} must be divisible by the expert shards ({E})")
+        self.stage.eval()
+        self.infer_state = self.stage.new_state(batch // E)
+        self.infer_tag = 0
+
+    @torch.no_grad()
+    def infer_step(self, input_ids: torch.Tensor) -> torch.Tensor | None:
+        """Feed ``input_ids [B, S]`` (a prefill chunk or one decode token per sequence) through this stage.
+
+        Every actor gets the same ids; each expert shard keeps its slice of the batch.
+        Activations stream to the next stage over the pipeline links. Returns the last
+        position's logits ``[B/E, V]`` (float, CPU) on the last stage, None elsewhere.
+        """
+        from comm.pipeline import split_batch
+
+        mesh = self.mesh
+        ids = split_batch({"input_ids": input_ids}, mesh.ep_size, mesh.ep_rank)["input_ids"].to(self.device)
+        b, S = ids.shape
+        x = None
+        tag = self.infer_tag
+        self.infer_tag += 1
+        if not mesh.first:
+            x = self.runner.links.recv_act((b, S, self.args.hc_mult, self.args.hidden_size),
+                                           next(self.stage.parameters()).dtype, self.device, tag).result()
+        out = self.stage(x, ids, state=self.infer_state)
+        if not mesh.last:
+            self.runner.links.send_act(out, tag).result()
+            return None
+        return self.stage.logits(out[:, -1:])[:, -1].float().cpu()
+
     # ----------------------------------------------------------- inspection
     def grads(self) -> dict[str, torch.Tensor]:
         """Current gradients by parameter name (tests compare them with the single-process model)."""

@@ -60,3 +60,21 @@ def test_unplaceable_topology_is_a_clear_error(two_racks):
     graph = build_graph(topo, args.num_hidden_layers, args.n_routed_experts)
     with pytest.raises(PlacementError, match="r9"):
         StageGroup(graph, args.to_dict(), placement_timeout_s=3)
+
+
+@pytest.mark.parametrize("P,E", [(2, 1), (2, 2)])
+def test_greedy_generation_through_stage_actors_equals_the_model(two_racks, P, E):
+    from actors.group import pipeline_generate
+
+    args = debug_args()
+    graph = build_graph(Topology(racks=["r0", "r1"], pipeline_stages=P, expert_parallel=E, cpus_per_actor=0.5),
+                        args.num_hidden_layers, args.n_routed_experts)
+    group = StageGroup(graph, args.to_dict(), seed=0)
+    try:
+        prompt = make_batch(2, args.vocab_size)["input_ids"][:, :40]
+        got = pipeline_generate(group, prompt, 8, chunk_size=16)
+        torch.manual_seed(0)
+        want = Transformer(args).eval().generate(prompt, 8, chunk_size=16)
+        assert torch.equal(got, want)
+    finally:
+        group.shutdown()
