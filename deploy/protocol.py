@@ -1,0 +1,194 @@
+"""OpenAI-compatible request schemas and the OpenAI error shape (issue 5, first piece).
+
+Pydantic models validate ``/v1/completions`` and ``/v1/chat/completions`` bodies;
+``validate_request`` adds the checks that need the served model (vocabulary size,
+context length) and turns every problem into an ``APIError`` carrying the HTTP
+status and OpenAI's error body::
+
+    {"error": {"message": "...", "type": "invalid_request_error", "param": "top_p", "code": null}}
+
+so the HTTP layer never answers 500 for bad input.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+MAX_N = 8  # completions per request
+MAX_STOP = 4  # stop strings per request (OpenAI's limit)
+
+
+class APIError(Exception):
+    """A request that gets an error answer: ``status`` (HTTP), ``message``, ``param`` (the field), ``type``."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, type: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.type = status, message, param, type
+
+    def body(self) -> dict:
+        """OpenAI's error JSON."""
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": None}}
+
+
+class SamplingParams(BaseModel):
+    """Fields shared by completions and chat completions (OpenAI semantics; ``top_k`` and
+    ``stop_token_ids`` are vLLM-style extensions). ``seed`` makes sampling deterministic."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    max_tokens: int | None = Field(default=None, description="new tokens, >= 1 (default: up to the context)")
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    n: int = 1
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    logit_bias: dict[str, float] | None = None
+    stream: bool = False
+    user: str | None = None
+
+    @field_validator("max_tokens")
+    @classmethod
+    def _max_tokens(cls, v):
+        if v is not None and v <= 0:
+            raise ValueError(f"max_tokens must be >= 1, got {v}")
+        return v
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, v):
+        if not math.isfinite(v) or not 0 <= v <= 2:
+            raise ValueError(f"temperature must be a finite number in [0, 2], got {v}")
+        return v
+
+    @field_validator("top_p")
+    @classmethod
+    def _top_p(cls, v):
+        if not math.isfinite(v) or not 0 < v <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {v}")
+        return v
+
+    @field_validator("top_k")
+    @classmethod
+    def _top_k(cls, v):
+        if v < -1 or v == 0:
+            raise ValueError(f"top_k must be -1 (off) or >= 1, got {v}")
+        return v
+
+    @field_validator("n")
+    @classmethod
+    def _n(cls, v):
+        if not 1 <= v <= MAX_N:
+            raise ValueError(f"n must be between 1 and {MAX_N}, got {v}")
+        return v
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v):
+        stops = [v] if isinstance(v, str) else (v or [])
+        if len(stops) > MAX_STOP:
+            raise ValueError(f"at most {MAX_STOP} stop strings, got {len(stops)}")
+        if any(s == "" for s in stops):
+            raise ValueError("stop strings must not be empty")
+        return v
+
+    def stops(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+
+class CompletionRequest(SamplingParams):
+    """``POST /v1/completions``: ``prompt`` is a non-empty string (or a list of one)."""
+
+    prompt: str | list[str]
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, v):
+        items = [v] if isinstance(v, str) else v
+        if not items or any(not p for p in items):
+            raise ValueError("prompt must be a non-empty string")
+        if len(items) > 1:
+            raise ValueError("one prompt per request (use n for several completions)")
+        return v
+
+    def text(self) -> str:
+        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str
+
+
+class ChatCompletionRequest(SamplingParams):
+    """``POST /v1/chat/completions``: a non-empty list of messages."""
+
+    messages: list[ChatMessage]
+
+    @model_validator(mode="after")
+    def _messages(self):
+        if not self.messages:
+            raise ValueError("messages must be a non-empty list")
+        return self
+
+
+def _first_error(e: ValidationError) -> APIError:
+    err = e.errors()[0]
+    param = ".".join(str(p) for p in err.get("loc", ())) or None
+    msg = err.get("msg", "invalid request")
+    msg = msg.removeprefix("Value error, ")
+    return APIError(400, f"{param}: {msg}" if param else msg, param)
+
+
+def validate_request(body: object, kind: Literal["completion", "chat"], *, vocab_size: int, context: int,
+                     model_name: str, prompt_tokens: int | None = None):
+    """Parse and check a request body against the served model.
+
+    Args:
+        body: the decoded JSON body (anything: non-objects are rejected).
+        kind: ``"completion"`` or ``"chat"``.
+        vocab_size: the tokenizer/model vocabulary (for stop token ids and logit_bias keys).
+        context: the model's context length (``max_position_embeddings`` or the serving cap).
+        model_name: the served model's id (a different ``model`` is a 404, as OpenAI answers).
+        prompt_tokens: the prompt's length in tokens when already known (checked against the context).
+    Returns:
+        The ``CompletionRequest`` or ``ChatCompletionRequest``.
+    Raises:
+        APIError: 400 naming the field and the allowed values; 404 for an unknown model.
+    """
+    if not isinstance(body, dict):
+        raise APIError(400, f"the request body must be a JSON object, got {type(body).__name__}")
+    cls = CompletionRequest if kind == "completion" else ChatCompletionRequest
+    try:
+        req = cls.model_validate(body)
+    except ValidationError as e:
+        raise _first_error(e) from None
+    if req.model is not None and req.model != model_name:
+        raise APIError(404, f"model {req.model!r} does not exist; this server serves {model_name!r}", "model",
+                       type="not_found_error")
+    bad = [t for t in (req.stop_token_ids or []) if not 0 <= t < vocab_size]
+    if bad:
+        raise APIError(400, f"stop_token_ids {bad} are outside the vocabulary [0, {vocab_size})", "stop_token_ids")
+    for key, bias in (req.logit_bias or {}).items():
+        if not key.lstrip("-").isdigit() or not 0 <= int(key) < vocab_size:
+            raise APIError(400, f"logit_bias key {key!r} is not a token id in [0, {vocab_size})", "logit_bias")
+        if not math.isfinite(bias) or not -100 <= bias <= 100:
+            raise APIError(400, f"logit_bias values must be in [-100, 100], got {bias} for token {key}",
+                           "logit_bias")
+    if req.max_tokens is not None and req.max_tokens >= context:
+        raise APIError(400, f"max_tokens ({req.max_tokens}) must be below the context length ({context})",
+                       "max_tokens")
+    if prompt_tokens is not None:
+        want = prompt_tokens + (req.max_tokens or 1)
+        if want > context:
+            raise APIError(400, f"the prompt has {prompt_tokens} tokens and max_tokens asks for "
+                                f"{req.max_tokens or 1} more: {want} > the context length {context}",
+                           "messages" if kind == "chat" else "prompt")
+    return req
