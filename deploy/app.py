@@ -1,0 +1,142 @@
+"""OpenAI-compatible HTTP app (FastAPI) over a generation engine (issue 5, first piece).
+
+``build_app(engine, api_key=None)``: ``GET /health``, ``GET /v1/models``,
+``POST /v1/completions``, ``POST /v1/chat/completions`` (``stream: true`` -> server-sent
+events ending in ``data: [DONE]``). Bad input never gets a 500: bodies over
+``max_body_bytes`` -> 413, a content type other than JSON -> 415, invalid UTF-8,
+invalid JSON, a lone surrogate or a field out of range -> 400, an unknown model -> 404,
+a missing or wrong API key (when one is set; Ray's token auth does not cover Serve's
+HTTP port) -> 401 -- all in OpenAI's error shape (``deploy.protocol``).
+Requests run one at a time on the engine (``LocalEngine``); the Ray Serve
+deployment over the stage actors and continuous batching come next.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import threading
+import time
+import uuid
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from .protocol import APIError, validate_request
+
+MAX_BODY_BYTES = 1 << 20
+
+
+def _error(e: APIError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status)
+
+
+def build_app(engine, *, api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+    """The FastAPI app serving ``engine`` (see module docstring)."""
+    app = FastAPI(title="tide", description="OpenAI-compatible completions served by tide")
+    lock = threading.Lock()  # LocalEngine runs one request at a time
+
+    def check_key(request: Request) -> None:
+        if api_key is None:
+            return
+        got = request.headers.get("authorization", "")
+        if not hmac.compare_digest(got.encode(), f"Bearer {api_key}".encode()):
+            raise APIError(401, "missing or invalid API key (Authorization: Bearer <key>)", type="authentication_error")
+
+    async def read_json(request: Request) -> object:
+        ctype = request.headers.get("content-type", "")
+        if ctype.split(";")[0].strip().lower() != "application/json":
+            raise APIError(415, f"content type must be application/json, got {ctype or 'none'!r}")
+        raw = await request.body()
+        if len(raw) > max_body_bytes:
+            raise APIError(413, f"request body of {len(raw)} bytes exceeds the limit of {max_body_bytes}")
+        try:
+            return json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise APIError(400, f"request body is not valid UTF-8: {e.reason} at byte {e.start}") from None
+        except json.JSONDecodeError as e:
+            raise APIError(400, f"request body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") \
+                from None
+
+    def prompt_of(req, kind: str) -> tuple[str, list[int]]:
+        text = req.text() if kind == "completion" else engine.chat_prompt([m.model_dump() for m in req.messages])
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise APIError(400, "the prompt contains a lone surrogate (invalid Unicode)",
+                           "prompt" if kind == "completion" else "messages") from None
+        return text, engine.encode(text)
+
+    async def handle(request: Request, kind: str):
+        try:
+            check_key(request)
+            body = await read_json(request)
+            req = validate_request(body, kind, vocab_size=engine.vocab_size, context=engine.context,
+                                   model_name=engine.model_name)
+            _, ids = prompt_of(req, kind)
+            validate_request(body, kind, vocab_size=engine.vocab_size, context=engine.context,
+                             model_name=engine.model_name, prompt_tokens=len(ids))
+        except APIError as e:
+            return _error(e)
+        rid = ("cmpl-" if kind == "completion" else "chatcmpl-") + uuid.uuid4().hex[:24]
+        created = int(time.time())
+        obj = "text_completion" if kind == "completion" else "chat.completion"
+
+        def choice_delta(i: int, text: str, finish: str | None) -> dict:
+            if kind == "completion":
+                return {"index": i, "text": text, "logprobs": None, "finish_reason": finish}
+            return {"index": i, "delta": {"content": text} if text else {}, "finish_reason": finish}
+
+        if req.stream:
+            def events():
+                with lock:
+                    for i in range(req.n):
+                        seeded = req.model_copy(update={"seed": None if req.seed is None else req.seed + i})
+                        for d in engine.stream(ids, seeded):
+                            chunk = {"id": rid, "object": obj + ("" if kind == "completion" else ".chunk"),
+                                     "created": created, "model": engine.model_name,
+                                     "choices": [choice_delta(i, d.text, d.finish_reason)]}
+                            yield f"data: {json.dumps(chunk)}\n\n"
+                yield "data: [DONE]\n\n"
+            return StreamingResponse(events(), media_type="text/event-stream")
+
+        choices, completion_tokens = [], 0
+        with lock:
+            for i in range(req.n):
+                seeded = req.model_copy(update={"seed": None if req.seed is None else req.seed + i})
+                parts, finish = [], None
+                for d in engine.stream(ids, seeded):
+                    parts.append(d.text)
+                    finish = d.finish_reason or finish
+                text = "".join(parts)
+                completion_tokens += len(engine.encode(text)) if text else 0
+                choices.append({"index": i, "text": text, "logprobs": None, "finish_reason": finish}
+                               if kind == "completion" else
+                               {"index": i, "message": {"role": "assistant", "content": text},
+                                "finish_reason": finish})
+        return {"id": rid, "object": obj, "created": created, "model": engine.model_name, "choices": choices,
+                "usage": {"prompt_tokens": len(ids), "completion_tokens": completion_tokens,
+                          "total_tokens": len(ids) + completion_tokens}}
+
+    @app.get("/health")
+    def health():
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    def models(request: Request):
+        try:
+            check_key(request)
+        except APIError as e:
+            return _error(e)
+        return {"object": "list", "data": [{"id": engine.model_name, "object": "model", "owned_by": "tide",
+                                            "created": 0}]}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await handle(request, "completion")
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await handle(request, "chat")
+
+    return app

@@ -1,0 +1,86 @@
+"""The OpenAI-compatible app over the local engine: real model, real tokenizer, HTTP via TestClient."""
+
+import json
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from cluster.data import train_or_load_tokenizer
+from deploy.app import build_app
+from deploy.engine import LocalEngine
+from model import ModelArgs, Transformer
+
+TEXTS = ["def add(a, b):\n    return a + b\n", "import os\nprint(os.getcwd())\n",
+         "for i in range(10):\n    pass\n"] * 20
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    tok = train_or_load_tokenizer(TEXTS, 300, tmp_path_factory.mktemp("tok"), progress=False)
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs.flavor("debug", vocab_size=tok.get_vocab_size(), max_position_embeddings=512))
+    return LocalEngine(model, tok, "tide-debug")
+
+
+@pytest.fixture(scope="module")
+def client(engine):
+    return TestClient(build_app(engine))
+
+
+def test_greedy_completion_equals_model_generate(client, engine):
+    prompt = "def add(a, b):"
+    r = client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 8, "temperature": 0})
+    assert r.status_code == 200, r.text
+    d = r.json()
+    ids = engine.encode(prompt)
+    want = engine.model.generate(torch.tensor([ids]), 8)[0, len(ids):].tolist()
+    if engine.eos_id in want:
+        want = want[:want.index(engine.eos_id)]
+    assert d["choices"][0]["text"] == engine.tokenizer.decode(want)
+    assert d["choices"][0]["finish_reason"] == ("length" if len(want) == 8 else "stop")
+    assert d["usage"]["prompt_tokens"] == len(ids) and d["object"] == "text_completion"
+
+
+def test_streamed_chat_matches_the_non_streamed_answer(client):
+    body = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 6, "temperature": 0.8, "seed": 5}
+    full = client.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
+    r = client.post("/v1/chat/completions", json={**body, "stream": True})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    lines = [ln[6:] for ln in r.text.splitlines() if ln.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    chunks = [json.loads(x) for x in lines[:-1]]
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == full
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_models_and_health(client):
+    assert client.get("/health").json() == {"status": "ok"}
+    assert client.get("/v1/models").json()["data"][0]["id"] == "tide-debug"
+
+
+@pytest.mark.parametrize("kwargs,status", [
+    (dict(content=b"{not json", headers={"content-type": "application/json"}), 400),
+    (dict(content=b'{"prompt": "\xff\xfe"}', headers={"content-type": "application/json"}), 400),
+    (dict(content=b'{"prompt": "a\\ud800b"}', headers={"content-type": "application/json"}), 400),
+    (dict(content=b'{"prompt": "a"}', headers={"content-type": "text/plain"}), 415),
+    (dict(content=b'{"prompt": "' + b"a" * (2 << 20) + b'"}', headers={"content-type": "application/json"}), 413),
+    (dict(json=[1, 2]), 400),
+    (dict(json={"prompt": "x", "max_tokens": 0}), 400),
+    (dict(json={"prompt": "x", "model": "gpt-4"}), 404),
+    (dict(json={"prompt": "x " * 600, "max_tokens": 5}), 400),
+])
+def test_bad_input_is_an_openai_error_and_the_engine_survives(client, kwargs, status):
+    r = client.post("/v1/completions", **kwargs)
+    assert r.status_code == status, r.text
+    assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+    canary = client.post("/v1/completions", json={"prompt": "import", "max_tokens": 2, "temperature": 0})
+    assert canary.status_code == 200
+
+
+def test_api_key_is_enforced(engine):
+    c = TestClient(build_app(engine, api_key="s3cret"))
+    assert c.post("/v1/completions", json={"prompt": "x", "max_tokens": 1}).status_code == 401
+    assert c.get("/v1/models").status_code == 401
+    ok = c.post("/v1/completions", json={"prompt": "x", "max_tokens": 1}, headers={"Authorization": "Bearer s3cret"})
+    assert ok.status_code == 200
