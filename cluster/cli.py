@@ -18,6 +18,7 @@ import argparse
 import inspect
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -336,6 +337,36 @@ def cmd_plan(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(ns: argparse.Namespace) -> int:
+    """``tide serve PATH``: the OpenAI-compatible endpoints under Ray Serve (blocks until Ctrl-C)."""
+    from deploy.loader import load_engine
+
+    try:
+        load_engine(ns.path, model_name=ns.model_name)  # fail fast on a bad path, before Ray starts
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    import ray
+    from ray import serve
+
+    from cluster.train import init_ray
+    from deploy.serve import build
+
+    mode = init_ray(ns.address)
+    serve.start(http_options={"host": ns.host, "port": ns.port})
+    serve.run(build({"path": str(Path(ns.path).resolve()), "model_name": ns.model_name,
+                     "api_key_env": ns.api_key_env}), name="tide", route_prefix="/")
+    key = "on" if os.environ.get(ns.api_key_env) else f"off (set {ns.api_key_env} to require one)"
+    print(f"tide: serving {ns.path} on http://{ns.host}:{ns.port}/v1 ({mode} Ray cluster; API key {key}); "
+          f"Ctrl-C stops", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.shutdown()
+        ray.shutdown()
+    return 0
+
+
 def cmd_cache_bytes(ns: argparse.Namespace) -> int:
     """``tide cache-bytes``: print :func:`model.cache_bytes.cache_bytes` as JSON."""
     args = ModelArgs.flavor(ns.flavor)
@@ -422,6 +453,21 @@ def build_parser() -> argparse.ArgumentParser:
                     help="storage: fp32/bf16 everywhere, or paper (FP8 non-RoPE dims, BF16 RoPE dims); "
                          "default: %(default)s")
     cb.set_defaults(func=cmd_cache_bytes)
+    sv = sub.add_parser(
+        "serve", help="serve a run / checkpoint / HF directory behind OpenAI-compatible endpoints (Ray Serve)",
+        description="Start Ray Serve (joining a running cluster, else an embedded one) with /v1/completions, "
+                    "/v1/chat/completions (stream: true for server-sent events), /v1/models and /health for the "
+                    "model in PATH: a run directory (its latest checkpoint), a training checkpoint or an HF-format "
+                    "directory, each with its tokenizer.json. One replica, one request at a time for now.")
+    sv.add_argument("path", help="runs/<name>, runs/<name>/checkpoints/step-N, or an HF model directory")
+    sv.add_argument("--host", default="127.0.0.1", help="bind address; default: %(default)s (local only)")
+    sv.add_argument("--port", type=int, default=8000, help="default: %(default)s")
+    sv.add_argument("--model-name", help="the model id clients send (default: derived from PATH)")
+    sv.add_argument("--api-key-env", default="TIDE_API_KEY",
+                    help="environment variable holding the bearer key clients must send; unset = no key "
+                         "(default: %(default)s)")
+    sv.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, a local head, or embedded)")
+    sv.set_defaults(func=cmd_serve)
     pl = sub.add_parser(
         "plan", help="print a pipeline config's actor graph and schedule (starts nothing)",
         description="Validate CONFIG (a training YAML with a `parallel` section) and print its actor graph: "

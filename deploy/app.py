@@ -31,16 +31,20 @@ def _error(e: APIError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status)
 
 
-def build_app(engine, *, api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
-    """The FastAPI app serving ``engine`` (see module docstring)."""
+def build_app(engine, *, api_key=None, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+    """The FastAPI app serving ``engine`` (see module docstring).
+
+    ``api_key``: None (no key), the key, or a function returning it (read per request).
+    """
     app = FastAPI(title="tide", description="OpenAI-compatible completions served by tide")
     lock = threading.Lock()  # LocalEngine runs one request at a time
 
     def check_key(request: Request) -> None:
-        if api_key is None:
+        key = api_key() if callable(api_key) else api_key
+        if key is None:
             return
         got = request.headers.get("authorization", "")
-        if not hmac.compare_digest(got.encode(), f"Bearer {api_key}".encode()):
+        if not hmac.compare_digest(got.encode(), f"Bearer {key}".encode()):
             raise APIError(401, "missing or invalid API key (Authorization: Bearer <key>)", type="authentication_error")
 
     async def read_json(request: Request) -> object:
@@ -108,8 +112,8 @@ def build_app(engine, *, api_key: str | None = None, max_body_bytes: int = MAX_B
                 for d in engine.stream(ids, seeded):
                     parts.append(d.text)
                     finish = d.finish_reason or finish
+                    completion_tokens += d.tokens
                 text = "".join(parts)
-                completion_tokens += len(engine.encode(text)) if text else 0
                 choices.append({"index": i, "text": text, "logprobs": None, "finish_reason": finish}
                                if kind == "completion" else
                                {"index": i, "message": {"role": "assistant", "content": text},

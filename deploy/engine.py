@@ -23,10 +23,12 @@ DEFAULT_CHAT_TEMPLATE = "{% for m in messages %}<|{{ m.role }}|>\n{{ m.content }
 
 @dataclass
 class Delta:
-    """One streamed piece: ``text`` (may be empty), ``finish_reason`` (None, ``"stop"`` or ``"length"``)."""
+    """One streamed piece: ``text`` (may be empty), ``finish_reason`` (None, ``"stop"`` or ``"length"``);
+    the finishing piece carries ``tokens``, the number of tokens generated."""
 
     text: str
     finish_reason: str | None = None
+    tokens: int = 0
 
 
 class LocalEngine:
@@ -78,7 +80,7 @@ class LocalEngine:
             tok = sampler.sample(logits)
             ids.append(tok)
             if tok == self.eos_id:
-                yield Delta("", "stop")
+                yield Delta("", "stop", len(ids))
                 return
             text = self.tokenizer.decode(ids)
             done, upto, reason = stop.check(tok, text)
@@ -88,8 +90,8 @@ class LocalEngine:
                 yield Delta(text[sent:upto])
                 sent = upto
             if done:
-                yield Delta("", reason)
+                yield Delta("", reason, len(ids))
                 return
             logits = m(torch.tensor([[tok]]), state)[0, -1]
         text = self.tokenizer.decode(ids)
-        yield Delta(text[sent:], "length")
+        yield Delta(text[sent:], "length", len(ids))

@@ -40,6 +40,7 @@ def test_greedy_completion_equals_model_generate(client, engine):
     assert d["choices"][0]["text"] == engine.tokenizer.decode(want)
     assert d["choices"][0]["finish_reason"] == ("length" if len(want) == 8 else "stop")
     assert d["usage"]["prompt_tokens"] == len(ids) and d["object"] == "text_completion"
+    assert d["usage"]["completion_tokens"] == min(8, len(want) + 1)  # the end-of-text token counts
 
 
 def test_streamed_chat_matches_the_non_streamed_answer(client):
