@@ -65,15 +65,20 @@ def init_ray(address: str | None = None) -> str:
     an embedded one. Returns ``"joined"`` or ``"embedded"``."""
     import ray
 
+    from cluster.local_racks import reachable_ray_address
+
     if ray.is_initialized():
         return "joined"
-    try:
-        ray.init(address=address or os.environ.get("RAY_ADDRESS") or "auto", log_to_driver=True)
-        return "joined"
-    except ConnectionError:
-        if address:
-            raise
-    ray.init(log_to_driver=True)
+    explicit = address or os.environ.get("RAY_ADDRESS")
+    target = explicit or reachable_ray_address()  # a stale address file would make "auto" wait for a dead GCS
+    if target is not None:
+        try:
+            ray.init(address=target, log_to_driver=True)
+            return "joined"
+        except ConnectionError:
+            if explicit:
+                raise
+    ray.init(address="local", log_to_driver=True)
     return "embedded"
 
 
