@@ -25,19 +25,28 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from .protocol import APIError, validate_request
 
 MAX_BODY_BYTES = 1 << 20
+MAX_QUEUE = 32
+REQUEST_TIMEOUT_S = 300.0
 
 
 def _error(e: APIError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status)
 
 
-def build_app(engine, *, api_key=None, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+def build_app(engine, *, api_key=None, max_body_bytes: int = MAX_BODY_BYTES, max_queue: int = MAX_QUEUE,
+              request_timeout_s: float = REQUEST_TIMEOUT_S) -> FastAPI:
     """The FastAPI app serving ``engine`` (see module docstring).
 
     ``api_key``: None (no key), the key, or a function returning it (read per request).
+    ``max_queue``: requests admitted at once (running + waiting); more get a fast 503
+    with ``Retry-After``. ``request_timeout_s``: a request still waiting or generating
+    after that long is cancelled (408, or an error event when streaming) and its
+    decode state freed.
     """
     app = FastAPI(title="tide", description="OpenAI-compatible completions served by tide")
     lock = threading.Lock()  # LocalEngine runs one request at a time
+    admitted = [0]  # requests running or waiting for the lock
+    admit_lock = threading.Lock()
 
     def check_key(request: Request) -> None:
         key = api_key() if callable(api_key) else api_key
@@ -82,6 +91,23 @@ def build_app(engine, *, api_key=None, max_body_bytes: int = MAX_BODY_BYTES) -> 
                              model_name=engine.model_name, prompt_tokens=len(ids))
         except APIError as e:
             return _error(e)
+        with admit_lock:
+            if admitted[0] >= max_queue:
+                e = APIError(503, f"the server is at its limit of {max_queue} requests; retry shortly",
+                             type="overloaded_error")
+                return JSONResponse(e.body(), status_code=503, headers={"Retry-After": "1"})
+            admitted[0] += 1
+        deadline = time.monotonic() + request_timeout_s
+
+        def release():
+            with admit_lock:
+                admitted[0] -= 1
+
+        def acquire() -> bool:
+            return lock.acquire(timeout=max(0.0, deadline - time.monotonic()))
+
+        timeout_error = APIError(408, f"the request exceeded its time limit of {request_timeout_s:g} s",
+                                 type="timeout_error")
         rid = ("cmpl-" if kind == "completion" else "chatcmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
         obj = "text_completion" if kind == "completion" else "chat.completion"
@@ -93,31 +119,51 @@ def build_app(engine, *, api_key=None, max_body_bytes: int = MAX_BODY_BYTES) -> 
 
         if req.stream:
             def events():
-                with lock:
-                    for i in range(req.n):
-                        seeded = req.model_copy(update={"seed": None if req.seed is None else req.seed + i})
-                        for d in engine.stream(ids, seeded):
-                            chunk = {"id": rid, "object": obj + ("" if kind == "completion" else ".chunk"),
-                                     "created": created, "model": engine.model_name,
-                                     "choices": [choice_delta(i, d.text, d.finish_reason)]}
-                            yield f"data: {json.dumps(chunk)}\n\n"
-                yield "data: [DONE]\n\n"
+                try:
+                    if not acquire():
+                        yield f"data: {json.dumps(timeout_error.body())}\n\n"
+                        return
+                    try:
+                        for i in range(req.n):
+                            seeded = req.model_copy(update={"seed": None if req.seed is None else req.seed + i})
+                            for d in engine.stream(ids, seeded, deadline):
+                                if d.finish_reason == "timeout":
+                                    yield f"data: {json.dumps(timeout_error.body())}\n\n"
+                                    return
+                                chunk = {"id": rid, "object": obj + ("" if kind == "completion" else ".chunk"),
+                                         "created": created, "model": engine.model_name,
+                                         "choices": [choice_delta(i, d.text, d.finish_reason)]}
+                                yield f"data: {json.dumps(chunk)}\n\n"
+                    finally:
+                        lock.release()
+                    yield "data: [DONE]\n\n"
+                finally:
+                    release()
             return StreamingResponse(events(), media_type="text/event-stream")
 
         choices, completion_tokens = [], 0
-        with lock:
-            for i in range(req.n):
-                seeded = req.model_copy(update={"seed": None if req.seed is None else req.seed + i})
-                parts, finish = [], None
-                for d in engine.stream(ids, seeded):
-                    parts.append(d.text)
-                    finish = d.finish_reason or finish
-                    completion_tokens += d.tokens
-                text = "".join(parts)
-                choices.append({"index": i, "text": text, "logprobs": None, "finish_reason": finish}
-                               if kind == "completion" else
-                               {"index": i, "message": {"role": "assistant", "content": text},
-                                "finish_reason": finish})
+        try:
+            if not acquire():
+                return _error(timeout_error)
+            try:
+                for i in range(req.n):
+                    seeded = req.model_copy(update={"seed": None if req.seed is None else req.seed + i})
+                    parts, finish = [], None
+                    for d in engine.stream(ids, seeded, deadline):
+                        parts.append(d.text)
+                        finish = d.finish_reason or finish
+                        completion_tokens += d.tokens
+                    if finish == "timeout":
+                        return _error(timeout_error)
+                    text = "".join(parts)
+                    choices.append({"index": i, "text": text, "logprobs": None, "finish_reason": finish}
+                                   if kind == "completion" else
+                                   {"index": i, "message": {"role": "assistant", "content": text},
+                                    "finish_reason": finish})
+            finally:
+                lock.release()
+        finally:
+            release()
         return {"id": rid, "object": obj, "created": created, "model": engine.model_name, "choices": choices,
                 "usage": {"prompt_tokens": len(ids), "completion_tokens": completion_tokens,
                           "total_tokens": len(ids) + completion_tokens}}
@@ -125,6 +171,11 @@ def build_app(engine, *, api_key=None, max_body_bytes: int = MAX_BODY_BYTES) -> 
     @app.get("/health")
     def health():
         return {"status": "ok"}
+
+    @app.get("/v1/stats")
+    def stats():
+        """Engine statistics: admitted requests, live sequences and their decode-state bytes, completed."""
+        return {"admitted_requests": admitted[0], **engine.stats()}
 
     @app.get("/v1/models")
     def models(request: Request):

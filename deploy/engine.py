@@ -51,6 +51,15 @@ class LocalEngine:
         self.vocab_size = model.args.vocab_size
         self.eos_id = tokenizer.token_to_id(eos_token)
         self.chat_template = chat_template
+        self.live: dict[int, object] = {}  # id -> decode state of sequences being generated
+        self.completed = 0
+        self._next_id = 0
+
+    def stats(self) -> dict:
+        """``live_sequences``, ``decode_state_bytes`` (their decode states), ``completed`` (finished or dropped)."""
+        live = list(self.live.values())
+        return {"live_sequences": len(live), "decode_state_bytes": sum(st.nbytes() for st in live),
+                "completed": self.completed}
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text).ids
@@ -63,9 +72,26 @@ class LocalEngine:
         env = ImmutableSandboxedEnvironment(autoescape=False, undefined=jinja2.StrictUndefined)  # templates are data
         return env.from_string(self.chat_template).render(messages=messages)
 
+    def stream(self, prompt_ids: list[int], req, deadline: float | None = None) -> Iterator[Delta]:
+        """Generate for ``prompt_ids`` with a validated request's sampling fields; yields ``Delta``s.
+
+        The sequence's decode state lives in ``self.live`` until the generator finishes or is
+        closed (a client that disconnects closes it), so it is freed either way. Past
+        ``deadline`` (``time.monotonic()`` seconds) generation stops with ``finish_reason``
+        ``"timeout"``.
+        """
+        sid = self._next_id
+        self._next_id += 1
+        try:
+            yield from self._generate(sid, prompt_ids, req, deadline)
+        finally:
+            self.live.pop(sid, None)
+            self.completed += 1
+
     @torch.no_grad()
-    def stream(self, prompt_ids: list[int], req) -> Iterator[Delta]:
-        """Generate for ``prompt_ids`` with a validated request's sampling fields; yields ``Delta``s."""
+    def _generate(self, sid: int, prompt_ids: list[int], req, deadline: float | None) -> Iterator[Delta]:
+        import time
+
         m = self.model
         bias = {int(k): v for k, v in (req.logit_bias or {}).items()}
         sampler = Sampler(temperature=req.temperature, top_k=req.top_k, top_p=req.top_p, seed=req.seed,
@@ -73,10 +99,14 @@ class LocalEngine:
         stop = StopChecker(req.stops(), req.stop_token_ids)
         limit = min(req.max_tokens or self.context, self.context - len(prompt_ids))
         state = m.new_state(1)
+        self.live[sid] = state
         logits = m.prefill(torch.tensor([prompt_ids]), state)[0]
         ids: list[int] = []
         sent = 0
         for _ in range(limit):
+            if deadline is not None and time.monotonic() > deadline:
+                yield Delta(self.tokenizer.decode(ids)[sent:], "timeout", len(ids))
+                return
             tok = sampler.sample(logits)
             ids.append(tok)
             if tok == self.eos_id:

@@ -85,3 +85,36 @@ def test_api_key_is_enforced(engine):
     assert c.get("/v1/models").status_code == 401
     ok = c.post("/v1/completions", json={"prompt": "x", "max_tokens": 1}, headers={"Authorization": "Bearer s3cret"})
     assert ok.status_code == 200
+
+
+def test_overload_is_a_fast_503_with_retry_after(engine):
+    c = TestClient(build_app(engine, max_queue=0))
+    r = c.post("/v1/completions", json={"prompt": "x", "max_tokens": 1})
+    assert r.status_code == 503 and r.headers["retry-after"] == "1"
+    assert r.json()["error"]["type"] == "overloaded_error"
+
+
+def test_time_limit_cancels_and_frees_the_state(engine):
+    c = TestClient(build_app(engine, request_timeout_s=0))
+    r = c.post("/v1/completions", json={"prompt": "x", "max_tokens": 50})
+    assert r.status_code == 408 and "time limit" in r.json()["error"]["message"]
+    r = c.post("/v1/completions", json={"prompt": "x", "max_tokens": 50, "stream": True})
+    events = [ln[6:] for ln in r.text.splitlines() if ln.startswith("data: ")]
+    assert json.loads(events[-1])["error"]["type"] == "timeout_error"
+    stats = c.get("/v1/stats").json()
+    assert stats["live_sequences"] == 0 and stats["decode_state_bytes"] == 0 and stats["admitted_requests"] == 0
+
+
+def test_a_dropped_stream_frees_its_decode_state(engine):
+    from deploy.protocol import validate_request
+
+    req = validate_request({"prompt": "import", "max_tokens": 40, "temperature": 0.9, "seed": 1}, "completion",
+                           vocab_size=engine.vocab_size, context=engine.context, model_name=engine.model_name)
+    before = engine.stats()["completed"]
+    gen = engine.stream(engine.encode("import"), req)
+    next(gen)
+    live = engine.stats()
+    assert live["live_sequences"] == 1 and live["decode_state_bytes"] > 0
+    gen.close()  # what a client disconnect does to the streaming response's generator
+    after = engine.stats()
+    assert after["live_sequences"] == 0 and after["decode_state_bytes"] == 0 and after["completed"] == before + 1
