@@ -302,7 +302,8 @@ def cmd_plan(ns: argparse.Namespace) -> int:
         raise CLIError(f"{ns.config} has no `parallel` section: it trains in one process (see configs/pipeline.yaml)")
     par = cfg.parallel
     args = model_args_for(cfg, cfg.data.vocab_size)
-    graph = build_graph(load_topology(par.topology), args.num_hidden_layers, args.n_routed_experts)
+    topo = load_topology(par.topology)
+    graph = build_graph(topo, args.num_hidden_layers, args.n_routed_experts)
     P, E = graph.num_stages, len(graph.expert_groups[0])
     per = args.n_routed_experts // E
     print(f"{len(graph.actors)} stage actors = {P} pipeline stages x {E} expert shards "
@@ -318,7 +319,7 @@ def cmd_plan(ns: argparse.Namespace) -> int:
     print(f"pipeline links (activations forward, gradients back): {len(pipe)} "
           f"({by_class['inter-rack']} inter-rack, {by_class['intra-rack']} intra-rack); expert all-to-all: "
           f"{P} group(s) of {E} shard(s), intra-rack")
-    unused = sorted(set(load_topology(par.topology).racks) - {a.rack for a in graph.actors})
+    unused = sorted(set(topo.racks) - {a.rack for a in graph.actors})
     if unused:
         print(f"note: rack(s) {unused} host no stage")
     sched = SCHEDULES[par.schedule](P, par.microbatches)
@@ -339,10 +340,10 @@ def cmd_plan(ns: argparse.Namespace) -> int:
 
 def cmd_serve(ns: argparse.Namespace) -> int:
     """``tide serve PATH``: the OpenAI-compatible endpoints under Ray Serve (blocks until Ctrl-C)."""
-    from deploy.loader import load_engine
+    from deploy.loader import locate
 
     try:
-        load_engine(ns.path, model_name=ns.model_name)  # fail fast on a bad path, before Ray starts
+        locate(ns.path)  # fail fast on a bad path, before Ray starts (the replica loads the weights)
     except ValueError as e:
         raise CLIError(str(e)) from None
     import ray

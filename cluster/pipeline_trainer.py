@@ -122,8 +122,7 @@ class PipelineTrainer(Trainer):
                  f"comm overlapped {s['overlap_fraction']:.0%}")
 
     # ---------------------------------------------------------- checkpoints
-    def _layout(self) -> dict:
-        infos = self.group.call("shard_info")
+    def _layout(self, infos: list[dict]) -> dict:
         return {"pipeline_stages": self.topology.pipeline_stages, "expert_parallel": self.topology.expert_parallel,
                 "layer_slices": [list(s) for s in self.graph.layer_slices],
                 "n_routed_experts": self.args.n_routed_experts,
@@ -136,7 +135,7 @@ class PipelineTrainer(Trainer):
         meta = {"loader": self.loader.state_dict(), "rng": ckpt.rng_state(), "stage_index": self.stage_index,
                 "ema": self.ema, "ema_count": self.ema_count, "spikes": self.spikes, "rollbacks": self.rollbacks,
                 "model_args": self.args.to_dict()}
-        path = pckpt.save_pipeline_checkpoint(self.ckpt_root, self.step, shards, self._layout(), meta,
+        path = pckpt.save_pipeline_checkpoint(self.ckpt_root, self.step, shards, self._layout(infos), meta,
                                               keep=self.cfg.checkpoint.keep)
         if good:
             ckpt.mark_good(path)

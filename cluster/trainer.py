@@ -334,7 +334,7 @@ class Trainer:
                           clip: float | None) -> tuple[dict, float]:
         """Losses and clipped gradients of ``batch``; returns ``(metrics, grad_norm before clipping)``."""
         if forced is not None:
-            for m, idx in zip(self._routed_moes(), forced):
+            for m, idx in zip(self._routed_moes(), forced, strict=True):
                 m.forced_indices = idx
         loss, metrics = compute_losses(self.model, batch, loss_cfg)
         self.optimizer.zero_grad()
@@ -433,6 +433,41 @@ class Trainer:
                 "latest_checkpoint": str(ckpt.latest_checkpoint(self.ckpt_root))}
 
 
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory, or a run directory's latest committed one.
+
+    Raises:
+        ValueError: a run directory without a committed checkpoint, or not a directory.
+    """
+    path = Path(path).expanduser()
+    if (path / "checkpoints").is_dir():
+        latest = ckpt.latest_checkpoint(path / "checkpoints")
+        if latest is None:
+            raise ValueError(f"{path}: run directory has no committed checkpoint")
+        path = latest
+    if not path.is_dir():
+        raise ValueError(f"{path}: not a checkpoint directory")
+    return path
+
+
+def load_trained_model(path: str | Path) -> tuple[Transformer, Path]:
+    """The ``Transformer`` of a training checkpoint of any layout (or a run's latest) and the checkpoint's path.
+
+    The checkpoint is verified against its manifest. Raises ValueError (named) for a
+    missing, damaged or non-tide checkpoint.
+    """
+    from cluster.pipeline_checkpoint import load_pipeline_full
+    from model import ModelArgs
+
+    path = resolve_checkpoint(path)
+    full, _, meta = load_pipeline_full(path)  # either layout: one process, or stage x expert-shard groups
+    if "model_args" not in meta:
+        raise ValueError(f"{path}: not a tide training checkpoint (no model_args)")
+    model = Transformer(ModelArgs.from_dict(meta["model_args"], source=f"{path}/meta.json"))
+    model.load_state_dict(full)
+    return model, path
+
+
 def export_hf(checkpoint: Path, out: Path) -> Path:
     """Export a training checkpoint (or a run directory's latest) with ``model.save_hf``.
 
@@ -444,23 +479,9 @@ def export_hf(checkpoint: Path, out: Path) -> Path:
     """
     import shutil
 
-    from model import ModelArgs, save_hf
+    from model import save_hf
 
-    path = Path(checkpoint)
-    if (path / "checkpoints").is_dir():
-        latest = ckpt.latest_checkpoint(path / "checkpoints")
-        if latest is None:
-            raise ValueError(f"{path}: run directory has no committed checkpoint")
-        path = latest
-    if not path.is_dir():
-        raise ValueError(f"{path}: not a checkpoint directory")
-    from cluster.pipeline_checkpoint import load_pipeline_full
-
-    full, _, meta = load_pipeline_full(path)  # either layout: one process, or stage x expert-shard groups
-    if "model_args" not in meta:
-        raise ValueError(f"{path}: not a tide training checkpoint (no model_args)")
-    model = Transformer(ModelArgs.from_dict(meta["model_args"], source=f"{path}/meta.json"))
-    model.load_state_dict(full)
+    model, path = load_trained_model(checkpoint)
     save_hf(model, out)
     tok = path.parent.parent / "tokenizer.json"
     if tok.is_file():

@@ -22,7 +22,7 @@ import uuid
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from .protocol import APIError, validate_request
+from .protocol import APIError, check_context, validate_request
 
 MAX_BODY_BYTES = 1 << 20
 MAX_QUEUE = 32
@@ -87,8 +87,7 @@ def build_app(engine, *, api_key=None, max_body_bytes: int = MAX_BODY_BYTES, max
             req = validate_request(body, kind, vocab_size=engine.vocab_size, context=engine.context,
                                    model_name=engine.model_name)
             _, ids = prompt_of(req, kind)
-            validate_request(body, kind, vocab_size=engine.vocab_size, context=engine.context,
-                             model_name=engine.model_name, prompt_tokens=len(ids))
+            check_context(req, len(ids), engine.context, kind)
         except APIError as e:
             return _error(e)
         with admit_lock:

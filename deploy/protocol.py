@@ -186,9 +186,18 @@ def validate_request(body: object, kind: Literal["completion", "chat"], *, vocab
         raise APIError(400, f"max_tokens ({req.max_tokens}) must be below the context length ({context})",
                        "max_tokens")
     if prompt_tokens is not None:
-        want = prompt_tokens + (req.max_tokens or 1)
-        if want > context:
-            raise APIError(400, f"the prompt has {prompt_tokens} tokens and max_tokens asks for "
-                                f"{req.max_tokens or 1} more: {want} > the context length {context}",
-                           "messages" if kind == "chat" else "prompt")
+        check_context(req, prompt_tokens, context, kind)
     return req
+
+
+def check_context(req, prompt_tokens: int, context: int, kind: Literal["completion", "chat"]) -> None:
+    """The prompt plus ``max_tokens`` (at least one new token) must fit the context.
+
+    Raises:
+        APIError: 400 naming both numbers.
+    """
+    want = prompt_tokens + (req.max_tokens or 1)
+    if want > context:
+        raise APIError(400, f"the prompt has {prompt_tokens} tokens and max_tokens asks for "
+                            f"{req.max_tokens or 1} more: {want} > the context length {context}",
+                       "messages" if kind == "chat" else "prompt")
