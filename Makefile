@@ -25,7 +25,7 @@ test: venv
 	$(VENV)/bin/python -m pytest -q tests
 
 run: venv
-	$(VENV)/bin/tide train configs/pipeline.yaml
+	$(VENV)/bin/tide train configs/pipeline.yaml --then-serve
 
 run-single: venv
 	$(VENV)/bin/tide train configs/debug.yaml

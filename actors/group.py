@@ -18,7 +18,8 @@ starts one labelled raylet per rack.
 from __future__ import annotations
 
 import ray
-from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.placement_group import placement_group as _placement_group
+from ray.util.placement_group import remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from .stage_worker import StageWorker
@@ -26,6 +27,12 @@ from .stage_worker import StageWorker
 
 class PlacementError(RuntimeError):
     """The actor graph could not be placed on racks as the topology asks."""
+
+
+def bundle_specs(graph) -> list[dict]:
+    """One placement-group bundle per actor of ``graph`` (CPUs, plus a GPU when the graph asks)."""
+    return [{"CPU": graph.cpus_per_actor, **({"GPU": graph.gpus_per_actor} if graph.gpus_per_actor else {})}
+            for _ in graph.actors]
 
 
 class StageGroup:
@@ -36,25 +43,28 @@ class StageGroup:
         model_args: ``ModelArgs.to_dict()``.
         worker_kwargs: passed to every ``StageWorker`` (seed, microbatches, waves, ...).
         placement_timeout_s: how long to wait for the racks to have room.
+        placement_group: an existing placement group to start the actors in (e.g. a Serve
+            replica's own, ``ray.util.get_current_placement_group()``), whose bundles
+            ``bundle_offset ...`` are ``bundle_specs(graph)`` with the actors' rack selectors;
+            it is not removed at ``shutdown``. Default: the group makes its own.
     Raises:
         PlacementError: no room on the racks in time, or an actor started on the wrong rack.
     """
 
     def __init__(self, graph, model_args: dict, *, placement_timeout_s: float = 120.0, setup_timeout_s: float = 300.0,
-                 **worker_kwargs):
+                 placement_group=None, bundle_offset: int = 0, **worker_kwargs):
         self.graph = graph
         self.failed = False
         n = len(graph.actors)
-        bundles = [{"CPU": graph.cpus_per_actor, **({"GPU": graph.gpus_per_actor} if graph.gpus_per_actor else {})}
-                   for _ in range(n)]
-        self.pg = placement_group(bundles, strategy="PACK", bundle_label_selector=[a.label_selector
-                                                                                   for a in graph.actors])
+        self.own_pg = placement_group is None
+        self.pg = placement_group if placement_group is not None else _placement_group(
+            bundle_specs(graph), strategy="PACK", bundle_label_selector=[a.label_selector for a in graph.actors])
         ready, _ = ray.wait([self.pg.ready()], timeout=placement_timeout_s)
         if not ready:
             remove_placement_group(self.pg)
-            need: dict[str, float] = {}
-            for a in graph.actors:
-                need[a.rack] = need.get(a.rack, 0) + graph.cpus_per_actor
+            from cluster.topology import cpus_per_rack
+
+            need = cpus_per_rack(graph)
             have = {}
             for node in ray.nodes():
                 if node.get("Alive"):
@@ -69,7 +79,7 @@ class StageGroup:
                            scheduling_strategy=PlacementGroupSchedulingStrategy(
                                self.pg, placement_group_bundle_index=i))
             .remote(graph, a.rank, model_args, **worker_kwargs)
-            for i, a in enumerate(graph.actors)]
+            for i, a in enumerate(graph.actors, start=bundle_offset)]
         self.placements = ray.get([w.placement.remote() for w in self.actors])
         wrong = [p for p in self.placements if p["rack"] != p["expected_rack"]]
         if wrong:
@@ -108,32 +118,36 @@ class StageGroup:
                 pass
         for w in self.actors:
             ray.kill(w)
-        remove_placement_group(self.pg)
+        if self.own_pg:
+            remove_placement_group(self.pg)
 
 
 def pipeline_generate(group: StageGroup, input_ids, max_new_tokens: int, chunk_size: int = 2048):
     """Greedy continuation through the stage actors: chunked prefill, then one token per step.
 
-    ``input_ids [B, S]`` int64 (B divisible by the expert shards). Returns ``[B, S + new]``;
-    token for token what ``model.Transformer.generate`` gives on the same weights.
+    ``input_ids [B, S]`` int64. Every row is its own sequence (the serving path:
+    ``StageWorker.infer_run``). Returns ``[B, S + new]``; token for token what
+    ``model.Transformer.generate`` gives on the same weights. The decode states are
+    freed at the end.
     """
     import torch
 
     B = input_ids.shape[0]
-    group.call("infer_reset", B)
-    last = group.graph.num_stages - 1
-    ranks = [a.rank for a in sorted(group.graph.actors, key=lambda a: a.ep_rank) if a.stage == last]
+    last = next(a.rank for a in group.graph.actors if a.stage == group.graph.num_stages - 1 and a.ep_rank == 0)
+    seqs = list(range(B))
 
-    def step(ids):
-        out = group.call("infer_step", ids)
-        return torch.cat([out[r] for r in ranks])  # the last stage's shards, in batch order
+    def step(ids, open_new=False):
+        return group.call("infer_run", seqs, ids, open_new)[last]["logits"]
 
     logits = None
-    for c in range(0, input_ids.shape[1], chunk_size):
-        logits = step(input_ids[:, c:c + chunk_size])
-    out = [input_ids]
-    for _ in range(max_new_tokens):
-        nxt = logits.argmax(-1, keepdim=True)
-        out.append(nxt)
-        logits = step(nxt)
+    try:
+        for c in range(0, input_ids.shape[1], chunk_size):
+            logits = step(input_ids[:, c:c + chunk_size], c == 0)
+        out = [input_ids]
+        for _ in range(max_new_tokens):
+            nxt = logits.argmax(-1, keepdim=True)
+            out.append(nxt)
+            logits = step(nxt)
+    finally:
+        group.call("infer_free", seqs)
     return torch.cat(out, 1)

@@ -14,6 +14,7 @@ can also drive it in-process.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 
@@ -62,6 +63,7 @@ class StageWorker:
                              enabled=trace)
         self.optim_cfg = OptimConfig(**(optim or {}))
         self.stage: PipelineStage | None = None
+        self.replicated = None  # serving's MoE (ReplicatedExperts), made on first use
 
     # ------------------------------------------------------------ placement
     def placement(self) -> dict:
@@ -142,39 +144,88 @@ class StageWorker:
         self.optimizer.zero_grad()
 
     # ------------------------------------------------------------- inference
-    def infer_reset(self, batch: int) -> None:
-        """Start ``batch`` new sequences (split over the expert shards): an empty decode state."""
-        E = self.mesh.ep_size
-        if batch % E:
-            raise ValueError(f"batch {batch} must be divisible by the expert shards ({E})")
+    # Serving (deploy.actor_backend): every actor of a stage runs every row of a batch
+    # (``comm.expert_parallel.ReplicatedExperts``), so a sequence's decode state lives on
+    # all shards of each stage, keyed by a sequence id the engine assigns.
+
+    @contextlib.contextmanager
+    def _serving(self):
+        """Eval mode with the replicated-experts MoE for the duration of an inference call."""
+        from comm.expert_parallel import ReplicatedExperts
+
+        if self.replicated is None:
+            self.replicated = ReplicatedExperts(self.mesh.expert, self.mesh.ep_rank, self.mesh.ep_size,
+                                                self.args.n_routed_experts)
+            self.seqs: dict[int, object] = {}
+            self.infer_tag = 0
+        moes = list(self.stage.moes())
+        saved = [m.expert_parallel for m in moes]
+        was_training = self.stage.training
         self.stage.eval()
-        self.infer_state = self.stage.new_state(batch // E)
-        self.infer_tag = 0
+        for m in moes:
+            m.expert_parallel = self.replicated
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            for m, ep in zip(moes, saved, strict=True):
+                m.expert_parallel = ep
+            self.stage.train(was_training)
 
-    @torch.no_grad()
-    def infer_step(self, input_ids: torch.Tensor) -> torch.Tensor | None:
-        """Feed ``input_ids [B, S]`` (a prefill chunk or one decode token per sequence) through this stage.
+    def infer_run(self, seq_ids: list[int], input_ids: torch.Tensor, open_new: bool = False) -> dict:
+        """Feed ``input_ids [B, S]`` through this stage for sequences ``seq_ids`` (one per row).
 
-        Every actor gets the same ids; each expert shard keeps its slice of the batch.
-        Activations stream to the next stage over the pipeline links. Returns the last
-        position's logits ``[B/E, V]`` (float, CPU) on the last stage, None elsewhere.
+        Row ``i`` continues sequence ``seq_ids[i]`` from its own position (a ragged batch:
+        a prefill chunk of one sequence, or one decode token for each of many).
+        ``open_new``: the sequences are new (fresh decode states; an id in use is an error).
+        Activations stream to the next stage over the pipeline links. Returns
+        ``{"logits": [B, V] float32 CPU of each row's last position (last stage, expert
+        shard 0; else None), "state_bytes": this actor's decode-state bytes, "live": sequences}``.
+
+        Raises:
+            KeyError: an unknown sequence id (not opened, or freed).
+            ValueError: an id opened twice, or rows that do not match ``seq_ids``.
         """
-        from comm.pipeline import split_batch
-
         mesh = self.mesh
-        ids = split_batch({"input_ids": input_ids}, mesh.ep_size, mesh.ep_rank)["input_ids"].to(self.device)
-        b, S = ids.shape
-        x = None
-        tag = self.infer_tag
-        self.infer_tag += 1
-        if not mesh.first:
-            x = self.runner.links.recv_act((b, S, self.args.hc_mult, self.args.hidden_size),
-                                           next(self.stage.parameters()).dtype, self.device, tag).result()
-        out = self.stage(x, ids, state=self.infer_state)
-        if not mesh.last:
-            self.runner.links.send_act(out, tag).result()
-            return None
-        return self.stage.logits(out[:, -1:])[:, -1].float().cpu()
+        with self._serving():
+            if len(seq_ids) != input_ids.shape[0]:
+                raise ValueError(f"{len(seq_ids)} sequence ids for {input_ids.shape[0]} rows")
+            if open_new:
+                dup = [s for s in seq_ids if s in self.seqs]
+                if dup:
+                    raise ValueError(f"sequence ids already open: {dup}")
+                for s in seq_ids:
+                    self.seqs[s] = self.stage.new_state(1, device=self.device)
+            missing = [s for s in seq_ids if s not in self.seqs]
+            if missing:
+                raise KeyError(f"unknown sequence ids {missing} (never opened or already freed)")
+            states = [self.seqs[s] for s in seq_ids]
+            ids = input_ids.to(self.device)
+            B, S = ids.shape
+            tag = self.infer_tag
+            self.infer_tag += 1
+            x = None
+            if not mesh.first:
+                x = self.runner.links.recv_act((B, S, self.args.hc_mult, self.args.hidden_size),
+                                               next(self.stage.parameters()).dtype, self.device, tag).result()
+            out = self.stage(x, ids, state=states[0] if B == 1 else states)
+            logits = None
+            if not mesh.last:
+                self.runner.links.send_act(out, tag).result()
+            elif mesh.ep_rank == 0:
+                logits = self.stage.logits(out[:, -1:])[:, -1].float().cpu()
+        return {"logits": logits, **self.infer_stats()}
+
+    def infer_free(self, seq_ids: list[int]) -> dict:
+        """Drop the decode states of ``seq_ids`` (unknown ids are ignored: freeing is idempotent)."""
+        for s in seq_ids:
+            getattr(self, "seqs", {}).pop(s, None)
+        return self.infer_stats()
+
+    def infer_stats(self) -> dict:
+        """``{"state_bytes": decode-state bytes held here, "live": open sequences}``."""
+        seqs = getattr(self, "seqs", {})
+        return {"state_bytes": sum(st.nbytes() for st in seqs.values()), "live": len(seqs)}
 
     # ----------------------------------------------------------- inspection
     def grads(self) -> dict[str, torch.Tensor]:

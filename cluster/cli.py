@@ -270,8 +270,8 @@ def cmd_train(ns: argparse.Namespace) -> int:
     from cluster import train
 
     argv = [ns.config] + [a for k, v in (("--name", ns.name), ("--storage-path", ns.storage_path),
-                                          ("--address", ns.address)) if v for a in (k, v)]
-    return train.main(argv)
+                                          ("--address", ns.address), ("--chat", ns.chat)) if v for a in (k, v)]
+    return train.main(argv + (["--then-serve"] if ns.then_serve else []))
 
 
 def cmd_export(ns: argparse.Namespace) -> int:
@@ -340,32 +340,68 @@ def cmd_plan(ns: argparse.Namespace) -> int:
 
 def cmd_serve(ns: argparse.Namespace) -> int:
     """``tide serve PATH``: the OpenAI-compatible endpoints under Ray Serve (blocks until Ctrl-C)."""
-    from deploy.loader import locate
+    from deploy.loader import model_args_of
 
+    topology = None
     try:
-        locate(ns.path)  # fail fast on a bad path, before Ray starts (the replica loads the weights)
+        args = model_args_of(ns.path)  # fail fast on a bad path, before Ray starts (the replica loads the weights)
+        if ns.topology:
+            from deploy.serve import placement_options
+
+            topology = _serving_topology(ns.topology)
+            placement_options(topology, args.num_hidden_layers, args.n_routed_experts)  # validates it
     except ValueError as e:
         raise CLIError(str(e)) from None
     import ray
     from ray import serve
 
     from cluster.train import init_ray
-    from deploy.serve import build
+    from deploy.serve import REPLICA_CPUS, build
 
-    mode = init_ray(ns.address)
-    serve.start(http_options={"host": ns.host, "port": ns.port})
-    serve.run(build({"path": str(Path(ns.path).resolve()), "model_name": ns.model_name,
-                     "api_key_env": ns.api_key_env}), name="tide", route_prefix="/")
-    key = "on" if os.environ.get(ns.api_key_env) else f"off (set {ns.api_key_env} to require one)"
-    print(f"tide: serving {ns.path} on http://{ns.host}:{ns.port}/v1 ({mode} Ray cluster; API key {key}); "
-          f"Ctrl-C stops", flush=True)
+    local = None
+    if topology is not None and not (ns.address or os.environ.get("RAY_ADDRESS")):
+        # no cluster named: simulate the topology's racks on this machine, as `tide train` does
+        from cluster.local_racks import start_local_racks
+        from cluster.topology import build_graph, cpus_per_rack, load_topology
+
+        graph = build_graph(load_topology(topology), args.num_hidden_layers, args.n_routed_experts)
+        need = cpus_per_rack(graph, {next(a.rack for a in graph.actors if a.stage == 0): REPLICA_CPUS})
+        local = start_local_racks({r: math.ceil(c) for r, c in need.items()})
+        mode = f"embedded ({len(need)} simulated rack(s))"
+    else:
+        mode = init_ray(ns.address)
     try:
+        serve.start(http_options={"host": ns.host, "port": ns.port})
+        serve.run(build({"path": str(Path(ns.path).resolve()), "model_name": ns.model_name,
+                         "api_key_env": ns.api_key_env, "topology": topology, "max_batch": ns.max_batch}),
+                  name="tide", route_prefix="/")
+        key = "on" if os.environ.get(ns.api_key_env) else f"off (set {ns.api_key_env} to require one)"
+        where = "in the replica" if topology is None else "on stage actors"
+        print(f"tide: serving {ns.path} {where} on http://{ns.host}:{ns.port}/v1 ({mode} Ray cluster; API key "
+              f"{key}); Ctrl-C stops", flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
+        pass
+    finally:
         serve.shutdown()
         ray.shutdown()
+        if local is not None:
+            local.shutdown()
     return 0
+
+
+def _serving_topology(path: str) -> dict:
+    """The topology mapping in ``path``: a topology YAML, or a training config's ``parallel.topology``."""
+    from .train_config import read_mapping
+
+    data, where = read_mapping(path, "topology")
+    if "parallel" in data:
+        par = data["parallel"]
+        if not isinstance(par, dict) or not isinstance(par.get("topology"), dict):
+            raise ValueError(f"{where}: parallel.topology must be a mapping (racks, pipeline_stages, ...)")
+        return par["topology"]
+    return data
 
 
 def cmd_cache_bytes(ns: argparse.Namespace) -> int:
@@ -459,7 +495,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Start Ray Serve (joining a running cluster, else an embedded one) with /v1/completions, "
                     "/v1/chat/completions (stream: true for server-sent events), /v1/models and /health for the "
                     "model in PATH: a run directory (its latest checkpoint), a training checkpoint or an HF-format "
-                    "directory, each with its tokenizer.json. One replica, one request at a time for now.")
+                    "directory, each with its tokenizer.json (and tokenizer_config.json's chat template). Requests "
+                    "are batched continuously. With --topology the model runs on stage actors placed on racks "
+                    "(the replica's placement group, bundle label selectors); without a cluster to join, the "
+                    "racks are simulated by local labelled raylets.")
     sv.add_argument("path", help="runs/<name>, runs/<name>/checkpoints/step-N, or an HF model directory")
     sv.add_argument("--host", default="127.0.0.1", help="bind address; default: %(default)s (local only)")
     sv.add_argument("--port", type=int, default=8000, help="default: %(default)s")
@@ -468,6 +507,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="environment variable holding the bearer key clients must send; unset = no key "
                          "(default: %(default)s)")
     sv.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, a local head, or embedded)")
+    sv.add_argument("--topology", metavar="YAML",
+                    help="serve on stage actors: a topology YAML (racks, pipeline_stages, expert_parallel, "
+                         "cpus_per_actor) or a training config whose parallel.topology to use, e.g. "
+                         "configs/pipeline.yaml (default: the model runs in the Serve replica)")
+    sv.add_argument("--max-batch", type=int, default=32,
+                    help="sequences decoded together at most; more requests wait (default: %(default)s)")
     sv.set_defaults(func=cmd_serve)
     pl = sub.add_parser(
         "plan", help="print a pipeline config's actor graph and schedule (starts nothing)",

@@ -915,3 +915,41 @@ class TokenLoader:
         self.epoch = _check_pos_int("epoch", state["epoch"], minimum=0)
         self.position = position
         self.consumed_tokens = _check_pos_int("consumed_tokens", state["consumed_tokens"], minimum=0)
+
+
+# The chat template served with a run's tokenizer (``tokenizer_config.json``, the field
+# transformers' tokenizers read, so an exported model renders chats the same way there).
+CHAT_TEMPLATE = "{% for m in messages %}<|{{ m.role }}|>\n{{ m.content }}\n{% endfor %}<|assistant|>\n"
+EOS_TOKEN = "<|endoftext|>"
+
+
+def save_tokenizer_files(tokenizer, out_dir: str | Path, chat_template: str = CHAT_TEMPLATE) -> None:
+    """Write ``tokenizer.json`` and ``tokenizer_config.json`` (chat template, end-of-text token) to ``out_dir``."""
+    import json
+
+    out = Path(out_dir)
+    tokenizer.save(str(out / "tokenizer.json"))
+    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "chat_template": chat_template, "eos_token": EOS_TOKEN,
+           "model_max_length": 1 << 30}
+    (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+
+
+def read_chat_template(tokenizer_dir: str | Path) -> str | None:
+    """The ``chat_template`` of ``tokenizer_dir/tokenizer_config.json``; None when there is none.
+
+    Raises:
+        ValueError: the file exists but is not JSON, or its chat_template is not a string.
+    """
+    import json
+
+    p = Path(tokenizer_dir) / "tokenizer_config.json"
+    if not p.is_file():
+        return None
+    try:
+        tpl = json.loads(p.read_text()).get("chat_template")
+    except (ValueError, AttributeError) as e:
+        raise ValueError(f"{p}: not a JSON object ({e})") from None
+    if tpl is not None and not isinstance(tpl, str):
+        raise ValueError(f"{p}: chat_template must be a string (named templates are not supported), "
+                         f"got {type(tpl).__name__}")
+    return tpl

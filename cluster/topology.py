@@ -143,6 +143,16 @@ def load_topology(source: str | Path | dict) -> Topology:
                     placement=placement, cpus_per_actor=float(cpus), gpus_per_actor=gpus)
 
 
+def cpus_per_rack(graph: ActorGraph, extra: dict[str, float] | None = None) -> dict[str, float]:
+    """CPUs the actors of ``graph`` need on each rack (plus ``extra`` per rack, e.g. a Serve replica)."""
+    need: dict[str, float] = {}
+    for a in graph.actors:
+        need[a.rack] = need.get(a.rack, 0) + graph.cpus_per_actor
+    for rack, c in (extra or {}).items():
+        need[rack] = need.get(rack, 0) + c
+    return need
+
+
 def split_layers(num_layers: int, stages: int) -> list[tuple[int, int]]:
     """Contiguous, balanced ``[start, end)`` layer slices (earlier stages get the extra layer)."""
     if num_layers < stages:

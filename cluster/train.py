@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -83,8 +84,11 @@ def init_ray(address: str | None = None) -> str:
 
 
 def run(config_path: str, *, name: str | None = None, storage_path: str | None = None,
-        address: str | None = None) -> dict:
+        address: str | None = None, after=None) -> dict:
     """Validate the config, start/join Ray, run the TorchTrainer; returns the run summary.
+
+    ``after(summary, cfg)``: called when training is done while the Ray cluster is still up
+    (e.g. ``deploy.serve.serve_and_ask``); its result is stored as ``summary["after"]``.
 
     Raises:
         ValueError: invalid config (before anything starts).
@@ -109,7 +113,7 @@ def run(config_path: str, *, name: str | None = None, storage_path: str | None =
         if not Path(cfg.data.tokenizer).is_file():
             raise ValueError(f"data.tokenizer {cfg.data.tokenizer} does not exist")
     if cfg.parallel is not None:
-        return run_pipeline(cfg, address)
+        return run_pipeline(cfg, address, after=after)
     data = cfg.to_dict()
     mode = init_ray(address)
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -141,10 +145,12 @@ def run(config_path: str, *, name: str | None = None, storage_path: str | None =
                "final_metrics": metrics, "checkpoint": str(latest) if latest else None,
                "ray_checkpoint": result.checkpoint.path if result.checkpoint else None,
                "loss_png": str(run_dir / "loss.png"), "metrics_jsonl": str(run_dir / "metrics.jsonl")}
+    if after is not None:
+        summary["after"] = after(summary, cfg)
     return summary
 
 
-def run_pipeline(cfg, address: str | None = None, *, progress: str = "bar") -> dict:
+def run_pipeline(cfg, address: str | None = None, *, progress: str = "bar", after=None) -> dict:
     """A run with a ``parallel`` section: this process drives the stage actors (``PipelineTrainer``).
 
     Joins a running cluster whose nodes carry ``rack`` labels, or -- with none to
@@ -157,7 +163,7 @@ def run_pipeline(cfg, address: str | None = None, *, progress: str = "bar") -> d
 
     from cluster import checkpoint as ckpt
     from cluster.pipeline_trainer import PipelineTrainer
-    from cluster.topology import build_graph, load_topology
+    from cluster.topology import build_graph, cpus_per_rack, load_topology
     from cluster.train_config import model_args_for
 
     latest = ckpt.latest_checkpoint(cfg.run_dir() / "checkpoints") if (cfg.run_dir() / "checkpoints").is_dir() \
@@ -166,17 +172,25 @@ def run_pipeline(cfg, address: str | None = None, *, progress: str = "bar") -> d
         rows = [json.loads(x) for x in (cfg.run_dir() / "metrics.jsonl").read_text().splitlines() if x.strip()] \
             if (cfg.run_dir() / "metrics.jsonl").is_file() else []
         last = rows[-5:]
-        print(f"tide: run '{cfg.name}' already finished ({latest.name}); nothing to do", flush=True)
-        return {"run_dir": str(cfg.run_dir()), "steps": ckpt.checkpoint_step(latest),
-                "first_loss": rows[0]["ce"] if rows else None,
-                "final_loss": sum(r["ce"] for r in last) / len(last) if last else None,
-                "checkpoint": str(latest), "loss_png": str(cfg.run_dir() / "loss.png"),
-                "metrics_jsonl": str(cfg.run_dir() / "metrics.jsonl")}
+        print(f"tide: run '{cfg.name}' already finished ({latest.name}); nothing to train", flush=True)
+        finished = {"run_dir": str(cfg.run_dir()), "steps": ckpt.checkpoint_step(latest),
+                    "first_loss": rows[0]["ce"] if rows else None,
+                    "final_loss": sum(r["ce"] for r in last) / len(last) if last else None,
+                    "latest_checkpoint": str(latest)}
+        if after is None:
+            finished.update(checkpoint=str(latest), loss_png=str(cfg.run_dir() / "loss.png"),
+                            metrics_jsonl=str(cfg.run_dir() / "metrics.jsonl"))
+            return finished
+    else:
+        finished = None
     args = model_args_for(cfg, cfg.data.vocab_size)
     graph = build_graph(load_topology(cfg.parallel.topology), args.num_hidden_layers, args.n_routed_experts)
-    need: dict[str, float] = {}
-    for a in graph.actors:
-        need[a.rack] = need.get(a.rack, 0) + graph.cpus_per_actor
+    extra = {}
+    if after is not None:  # room for the Serve replica that joins stage 0's rack afterwards
+        from deploy.serve import REPLICA_CPUS
+
+        extra = {next(a.rack for a in graph.actors if a.stage == 0): REPLICA_CPUS}
+    need = cpus_per_rack(graph, extra)
     explicit = address or os.environ.get("RAY_ADDRESS")
     local = None
     mode = "joined"
@@ -212,13 +226,13 @@ def run_pipeline(cfg, address: str | None = None, *, progress: str = "bar") -> d
             if sum(need.values()) > cores:
                 print(f"tide: note: the simulated racks declare {sum(need.values()):g} CPUs on a {cores}-core "
                       f"machine; actors will time-slice the cores", flush=True)
-            local = start_local_racks(need)
+            local = start_local_racks({r: math.ceil(c) for r, c in need.items()})  # raylets take whole CPUs
             mode = (f"embedded ({len(need)} simulated rack(s): "
                     + ", ".join(f"{r}={c:g} CPU" for r, c in need.items()) + ")")
     print(f"tide: {mode} Ray cluster; pipeline run '{cfg.name}' in {cfg.run_dir()} "
           f"({len(cfg.curriculum)} stages, {cfg.total_steps} steps)", flush=True)
     try:
-        for attempt in range(cfg.ray.max_failures + 1):
+        for attempt in range(0 if finished else cfg.ray.max_failures + 1):
             trainer = PipelineTrainer(cfg, progress=progress)
             try:
                 summary = trainer.run()
@@ -230,12 +244,15 @@ def run_pipeline(cfg, address: str | None = None, *, progress: str = "bar") -> d
                       f"checkpoint (attempt {attempt + 2} of {cfg.ray.max_failures + 1})", flush=True)
             finally:
                 trainer.shutdown()
+        summary = finished or summary
+        run_dir = cfg.run_dir()
+        summary.update(checkpoint=summary.get("latest_checkpoint"), loss_png=str(run_dir / "loss.png"),
+                       metrics_jsonl=str(run_dir / "metrics.jsonl"))
+        if after is not None:  # while the (simulated) racks are still up
+            summary["after"] = after(summary, cfg)
     finally:
         if local is not None:
             local.shutdown()
-    run_dir = cfg.run_dir()
-    summary.update(checkpoint=summary.get("latest_checkpoint"), loss_png=str(run_dir / "loss.png"),
-                   metrics_jsonl=str(run_dir / "metrics.jsonl"))
     return summary
 
 
@@ -255,6 +272,12 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--name", help="run name (overrides the config's `name`)")
     p.add_argument("--storage-path", help="directory holding runs (overrides `storage_path`)")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, a local head, or embedded)")
+    p.add_argument("--then-serve", action="store_true",
+                   help="after training, serve the last checkpoint with Ray Serve on the same cluster (on the "
+                        "run's actor graph for pipeline runs), ask it one chat completion through the OpenAI "
+                        "client, print the answer and stop serving")
+    p.add_argument("--chat", default="Write a Python function that reverses a list.",
+                   help="the user message --then-serve asks (default: %(default)r)")
     return p
 
 
@@ -267,7 +290,15 @@ def main(argv: list[str] | None = None) -> int:
     from actors.group import PlacementError
 
     try:
-        summary = run(args.config, name=args.name, storage_path=args.storage_path, address=args.address)
+        after = None
+        if args.then_serve:
+            from deploy.serve import serve_and_ask
+
+            def after(summary, cfg):
+                return serve_and_ask(summary["run_dir"], cfg.parallel.topology if cfg.parallel else None,
+                                     args.chat)
+        summary = run(args.config, name=args.name, storage_path=args.storage_path, address=args.address,
+                      after=after)
     except (ValueError, PlacementError, ConnectionError) as e:
         print(f"tide: error: {e}", file=sys.stderr)
         return 2
@@ -276,7 +307,8 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 130
     print(json.dumps({k: summary[k] for k in ("run_dir", "steps", "first_loss", "final_loss", "checkpoint",
-                                               "loss_png", "metrics_jsonl")}, indent=2))
+                                               "loss_png", "metrics_jsonl", "after") if k in summary},
+                     indent=2))
     return 0
 
 

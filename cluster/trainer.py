@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from cluster import checkpoint as ckpt
-from cluster.data import TokenLoader, prepare_data, sequences_per_batch
+from cluster.data import TokenLoader, prepare_data, save_tokenizer_files, sequences_per_batch
 from cluster.train_config import TrainConfig, model_args_for
 from model import Transformer
 from model.moe import MoE
@@ -117,7 +117,7 @@ class Trainer:
         self.tokenizer, self.stream = prepare_data(
             cfg.data.source, vocab_size=cfg.data.vocab_size, cache_dir=self.run_dir / "data",
             tokenizer_path=cfg.data.tokenizer, max_bytes=cfg.data.max_bytes, text_field=cfg.data.text_field)
-        self.tokenizer.save(str(self.run_dir / "tokenizer.json"))  # served / exported with the checkpoints
+        save_tokenizer_files(self.tokenizer, self.run_dir)  # served / exported with the checkpoints
         self.args = model_args_for(cfg, cfg.data.vocab_size)
         total = cfg.total_steps
         o = cfg.optim
@@ -483,7 +483,7 @@ def export_hf(checkpoint: Path, out: Path) -> Path:
 
     model, path = load_trained_model(checkpoint)
     save_hf(model, out)
-    tok = path.parent.parent / "tokenizer.json"
-    if tok.is_file():
-        shutil.copy2(tok, Path(out) / "tokenizer.json")
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # the tokenizer and its chat template
+        if (path.parent.parent / name).is_file():
+            shutil.copy2(path.parent.parent / name, Path(out) / name)
     return Path(out)

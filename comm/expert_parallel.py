@@ -198,3 +198,46 @@ def _run_waves(ep: ExpertParallel, plan: _Plan, src_sorted: torch.Tensor, comput
     for w, fut in enumerate(combines):
         out[plan.waves[w]["send_idx"]] = ep.comm.wait(fut, "wait combine", wave=w)
     return out
+
+
+class ReplicatedExperts:
+    """Expert parallelism for serving: every shard of a stage holds *all* rows of the batch.
+
+    Decode batches are small and ragged (any number of sequences, each with its own
+    decode state), so instead of splitting rows over the shards and exchanging tokens
+    (``ExpertParallel``'s all-to-all), each shard runs the stage's attention and dense
+    parts for every row, computes the routed experts it owns for the tokens routed to
+    them, and one ``all_reduce`` (sum) over the stage's expert group adds the shards'
+    contributions. Any batch size works and a sequence's decode state lives on every
+    shard of its stage (replicated, freed together). Forward only (``no_grad``).
+
+    ``__call__(x [N,D], indices [N,K] global expert ids, weights [N,K], experts) -> [N,D]``
+    with ``experts`` this shard's slice (``n_experts / ep_size`` experts from
+    ``ep_rank * n_local``).
+
+    Raises:
+        ValueError: n_experts not divisible by ep_size.
+    """
+
+    def __init__(self, group, ep_rank: int, ep_size: int, n_experts: int):
+        if n_experts % ep_size:
+            raise ValueError(f"n_routed_experts ({n_experts}) must be divisible by expert_parallel ({ep_size})")
+        self.group, self.ep_rank, self.ep_size = group, ep_rank, ep_size
+        self.n_local = n_experts // ep_size
+        self.lo = ep_rank * self.n_local
+
+    @torch.no_grad()
+    def __call__(self, x_ND: torch.Tensor, indices_NK: torch.Tensor, weights_NK: torch.Tensor, experts):
+        K = indices_NK.shape[1]
+        flat_e = indices_NK.reshape(-1) - self.lo
+        mine = ((flat_e >= 0) & (flat_e < self.n_local)).nonzero().squeeze(1)  # (token, slot) pairs routed here
+        local_e = flat_e[mine]
+        pairs = mine[torch.argsort(local_e, stable=True)]
+        counts = torch.bincount(local_e, minlength=self.n_local).tolist()
+        token_of = pairs // K
+        y = experts.grouped(x_ND[token_of], counts, experts.gate_up_proj, experts.down_proj)
+        y = y * weights_NK.reshape(-1)[pairs].to(x_ND.dtype).unsqueeze(-1)
+        out = torch.zeros_like(x_ND).index_add_(0, token_of, y)
+        if self.ep_size > 1:
+            dist.all_reduce(out, group=self.group)
+        return out

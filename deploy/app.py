@@ -7,12 +7,14 @@ events ending in ``data: [DONE]``). Bad input never gets a 500: bodies over
 invalid JSON, a lone surrogate or a field out of range -> 400, an unknown model -> 404,
 a missing or wrong API key (when one is set; Ray's token auth does not cover Serve's
 HTTP port) -> 401 -- all in OpenAI's error shape (``deploy.protocol``).
-Requests run one at a time on the engine (``LocalEngine``); the Ray Serve
-deployment over the stage actors and continuous batching come next.
+Requests run concurrently on the engine (``deploy.engine.Engine``: continuous
+batching); the app only admits them (``max_queue``) and streams what the engine yields.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hmac
 import json
 import threading
@@ -27,6 +29,7 @@ from .protocol import APIError, check_context, validate_request
 MAX_BODY_BYTES = 1 << 20
 MAX_QUEUE = 32
 REQUEST_TIMEOUT_S = 300.0
+DISCONNECT_POLL_S = 0.25  # how often a non-streamed request checks that its client is still there
 
 
 def _error(e: APIError) -> JSONResponse:
@@ -44,8 +47,7 @@ def build_app(engine, *, api_key=None, max_body_bytes: int = MAX_BODY_BYTES, max
     decode state freed.
     """
     app = FastAPI(title="tide", description="OpenAI-compatible completions served by tide")
-    lock = threading.Lock()  # LocalEngine runs one request at a time
-    admitted = [0]  # requests running or waiting for the lock
+    admitted = [0]  # requests running or waiting in the engine
     admit_lock = threading.Lock()
 
     def check_key(request: Request) -> None:
@@ -102,9 +104,6 @@ def build_app(engine, *, api_key=None, max_body_bytes: int = MAX_BODY_BYTES, max
             with admit_lock:
                 admitted[0] -= 1
 
-        def acquire() -> bool:
-            return lock.acquire(timeout=max(0.0, deadline - time.monotonic()))
-
         timeout_error = APIError(408, f"the request exceeded its time limit of {request_timeout_s:g} s",
                                  type="timeout_error")
         rid = ("cmpl-" if kind == "completion" else "chatcmpl-") + uuid.uuid4().hex[:24]
@@ -117,15 +116,13 @@ def build_app(engine, *, api_key=None, max_body_bytes: int = MAX_BODY_BYTES, max
             return {"index": i, "delta": {"content": text} if text else {}, "finish_reason": finish}
 
         if req.stream:
-            def events():
+            async def events():
                 try:
-                    if not acquire():
-                        yield f"data: {json.dumps(timeout_error.body())}\n\n"
-                        return
-                    try:
-                        for i in range(req.n):
-                            seeded = req.model_copy(update={"seed": None if req.seed is None else req.seed + i})
-                            for d in engine.stream(ids, seeded, deadline):
+                    for i in range(req.n):
+                        seeded = req.model_copy(update={"seed": None if req.seed is None else req.seed + i})
+                        gen = engine.astream(ids, seeded, deadline)
+                        try:
+                            async for d in gen:
                                 if d.finish_reason == "timeout":
                                     yield f"data: {json.dumps(timeout_error.body())}\n\n"
                                     return
@@ -133,42 +130,56 @@ def build_app(engine, *, api_key=None, max_body_bytes: int = MAX_BODY_BYTES, max
                                          "created": created, "model": engine.model_name,
                                          "choices": [choice_delta(i, d.text, d.finish_reason)]}
                                 yield f"data: {json.dumps(chunk)}\n\n"
-                    finally:
-                        lock.release()
+                        finally:
+                            await gen.aclose()  # a client that went away cancels the request (state freed)
                     yield "data: [DONE]\n\n"
                 finally:
                     release()
             return StreamingResponse(events(), media_type="text/event-stream")
 
-        choices, completion_tokens = [], 0
+        async def generate_all():
+            choices, completion_tokens = [], 0
+            for i in range(req.n):
+                seeded = req.model_copy(update={"seed": None if req.seed is None else req.seed + i})
+                parts, finish = [], None
+                async for d in engine.astream(ids, seeded, deadline):
+                    parts.append(d.text)
+                    finish = d.finish_reason or finish
+                    completion_tokens += d.tokens
+                if finish == "timeout":
+                    return _error(timeout_error)
+                text = "".join(parts)
+                choices.append({"index": i, "text": text, "logprobs": None, "finish_reason": finish}
+                               if kind == "completion" else
+                               {"index": i, "message": {"role": "assistant", "content": text},
+                                "finish_reason": finish})
+            return {"id": rid, "object": obj, "created": created, "model": engine.model_name, "choices": choices,
+                    "usage": {"prompt_tokens": len(ids), "completion_tokens": completion_tokens,
+                              "total_tokens": len(ids) + completion_tokens}}
+
+        task = asyncio.ensure_future(generate_all())
         try:
-            if not acquire():
-                return _error(timeout_error)
-            try:
-                for i in range(req.n):
-                    seeded = req.model_copy(update={"seed": None if req.seed is None else req.seed + i})
-                    parts, finish = [], None
-                    for d in engine.stream(ids, seeded, deadline):
-                        parts.append(d.text)
-                        finish = d.finish_reason or finish
-                        completion_tokens += d.tokens
-                    if finish == "timeout":
-                        return _error(timeout_error)
-                    text = "".join(parts)
-                    choices.append({"index": i, "text": text, "logprobs": None, "finish_reason": finish}
-                                   if kind == "completion" else
-                                   {"index": i, "message": {"role": "assistant", "content": text},
-                                    "finish_reason": finish})
-            finally:
-                lock.release()
+            while True:  # a client that goes away cancels the generation (and frees its decode state)
+                done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+                if done:
+                    return task.result()
+                if await request.is_disconnected():
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+                    return JSONResponse(APIError(499, "client closed the request").body(), status_code=499)
         finally:
+            if not task.done():
+                task.cancel()
             release()
-        return {"id": rid, "object": obj, "created": created, "model": engine.model_name, "choices": choices,
-                "usage": {"prompt_tokens": len(ids), "completion_tokens": completion_tokens,
-                          "total_tokens": len(ids) + completion_tokens}}
 
     @app.get("/health")
     def health():
+        """200 while the engine can generate; 503 naming the error once its backend has failed."""
+        err = getattr(engine, "error", None)
+        if err is not None:
+            return JSONResponse(APIError(503, f"the engine failed: {err}", type="engine_error").body(),
+                                status_code=503)
         return {"status": "ok"}
 
     @app.get("/v1/stats")
@@ -194,3 +205,10 @@ def build_app(engine, *, api_key=None, max_body_bytes: int = MAX_BODY_BYTES, max
         return await handle(request, "chat")
 
     return app
+
+
+def build(args: dict):
+    """``serve run deploy.app:build path=...``: the Ray Serve application (``deploy.serve.build``)."""
+    from .serve import build as build_serve_app
+
+    return build_serve_app(args)

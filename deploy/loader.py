@@ -8,6 +8,8 @@
 - an HF-format directory (``tide export`` output, ``save_pretrained``): ``model.load_hf``
   and its ``tokenizer.json``.
 
+The chat template comes from ``tokenizer_config.json`` beside the tokenizer (written by
+training and copied by ``tide export``; ``deploy.engine.DEFAULT_CHAT_TEMPLATE`` without one).
 Raises ValueError naming what is missing.
 """
 
@@ -47,15 +49,77 @@ def locate(path: str | Path) -> Source:
     return src
 
 
-def load_engine(path: str | Path, *, model_name: str | None = None, context: int | None = None):
-    """A ``deploy.engine.LocalEngine`` for ``path`` (see module docstring)."""
+def model_args_of(path: str | Path):
+    """The ``ModelArgs`` of what ``path`` holds, read from its config (no weights loaded).
+
+    Raises:
+        ValueError: ``path`` is not servable, or its config is unreadable (named).
+    """
+    import json
+
+    from model import ModelArgs
+
+    src = locate(path)
+    cfg = src.path / ("config.json" if src.kind == "hf" else "meta.json")
+    try:
+        data = json.loads(cfg.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{cfg}: unreadable ({e})") from None
+    if src.kind == "hf":
+        return ModelArgs.from_hf_config(data)
+    if not isinstance(data, dict) or "model_args" not in data:
+        raise ValueError(f"{cfg}: no model_args (not a tide training checkpoint)")
+    return ModelArgs.from_dict(data["model_args"], source=str(cfg))
+
+
+def load_engine(path: str | Path, *, model_name: str | None = None, context: int | None = None,
+                topology=None, placement_group=None, bundle_offset: int = 0, **engine_kwargs):
+    """A continuous-batching ``deploy.engine.Engine`` for ``path`` (see module docstring).
+
+    Without ``topology`` the model runs in this process (``LocalBackend``). With a
+    topology (``cluster.topology.load_topology`` input: dict or YAML path) it runs on
+    stage actors placed on the topology's racks (``ActorBackend``): in
+    ``placement_group`` from bundle ``bundle_offset`` on when given (a Serve replica's
+    own group), else in a group of their own. ``engine_kwargs`` go to ``Engine``.
+    """
     from tokenizers import Tokenizer
 
+    from cluster.data import read_chat_template
     from cluster.trainer import load_trained_model
     from model import load_hf
 
-    from .engine import LocalEngine
+    from .engine import Engine, LocalBackend
 
     src = locate(path)
     model = load_hf(src.path) if src.kind == "hf" else load_trained_model(src.path)[0]
-    return LocalEngine(model, Tokenizer.from_file(str(src.tokenizer)), model_name or src.name, context=context)
+    tok = Tokenizer.from_file(str(src.tokenizer))
+    template = read_chat_template(src.tokenizer.parent)
+    if topology is None:
+        backend = LocalBackend(model)
+    else:
+        backend = actor_backend(model, topology, placement_group=placement_group, bundle_offset=bundle_offset)
+    return Engine(backend, tok, model_name or src.name, context=context, chat_template=template, **engine_kwargs)
+
+
+def serving_graph(topology, args):
+    """The ``ActorGraph`` serving ``args`` on ``topology`` (dict or YAML path). Raises ValueError if invalid."""
+    from cluster.topology import build_graph, load_topology
+
+    return build_graph(load_topology(topology), args.num_hidden_layers, args.n_routed_experts)
+
+
+def actor_backend(model, topology, *, placement_group=None, bundle_offset: int = 0):
+    """Start the stage actors of ``topology`` with ``model``'s weights; an ``ActorBackend`` over them."""
+    from actors.group import StageGroup
+
+    from .actor_backend import ActorBackend
+
+    graph = serving_graph(topology, model.args)
+    group = StageGroup(graph, model.args.to_dict(), placement_group=placement_group, bundle_offset=bundle_offset)
+    try:
+        backend = ActorBackend(group, model.args)
+        backend.load_weights(model.state_dict())
+    except BaseException:
+        group.shutdown()
+        raise
+    return backend

@@ -1,13 +1,22 @@
-"""Ray Serve deployment of the OpenAI-compatible app (issue 5, first piece).
+"""Ray Serve deployment of the OpenAI-compatible app (issue 5).
 
 ``serve run deploy.serve:build path=runs/pipeline`` (or ``tide serve runs/pipeline``)
-starts one replica that loads the model (``deploy.loader.load_engine``) and answers
-through ``deploy.app``'s FastAPI routes (``serve.ingress``: streaming responses stay
-streamed). The API key, when wanted, comes from the environment variable named by
-``api_key_env`` (default ``TIDE_API_KEY``), never from arguments or logs: Ray's token
-auth does not cover Serve's HTTP port. Serving over the stage actors (placement
-group with rack label selectors) and continuous batching come next; this replica
-runs one request at a time.
+starts one replica that loads the model and answers through ``deploy.app``'s FastAPI
+routes (``serve.ingress``: streaming responses stay streamed), generating with the
+continuous-batching ``deploy.engine.Engine``.
+
+With a ``topology`` (the ``parallel.topology`` mapping of a training config, or a YAML
+file holding one) the replica serves **on stage actors**: the deployment asks Serve for
+a placement group whose bundle 0 holds the replica (on the first stage's rack) and
+bundles 1.. one per ``StageWorker`` with ``{"rack": ...}`` bundle label selectors, so
+the replica and its actors are gang-scheduled and every stage lands on its rack; the
+replica starts the actors in its own placement group (``StageGroup(placement_group=
+ray.util.get_current_placement_group(), bundle_offset=1)``). ``deploy/serve.yaml`` is
+the same application for ``serve deploy``.
+
+The API key, when wanted, comes from the environment variable named by ``api_key_env``
+(default ``TIDE_API_KEY``), never from arguments or logs: Ray's token auth does not
+cover Serve's HTTP port.
 """
 
 from __future__ import annotations
@@ -17,6 +26,8 @@ import os
 from ray import serve
 
 from .app import build_app
+
+REPLICA_CPUS = 0.5
 
 
 class _Current:
@@ -34,20 +45,116 @@ class _Current:
 _app = build_app(_Current(), api_key=lambda: _Current.api_key)
 
 
-@serve.deployment(max_ongoing_requests=16)
+@serve.deployment(max_ongoing_requests=64, ray_actor_options={"num_cpus": REPLICA_CPUS})
 @serve.ingress(_app)
 class OpenAIServer:
-    """One replica: loads the engine; ``deploy.app``'s routes answer."""
+    """One replica: loads the engine (in process, or on stage actors in its placement group)."""
 
-    def __init__(self, path: str, model_name: str | None = None, api_key_env: str = "TIDE_API_KEY"):
+    def __init__(self, path: str, model_name: str | None = None, api_key_env: str = "TIDE_API_KEY",
+                 topology=None, max_batch: int = 32):
+        from ray.util import get_current_placement_group
+
         from .loader import load_engine
 
-        _Current.engine = load_engine(path, model_name=model_name)
+        placement = get_current_placement_group() if topology is not None else None
+        _Current.engine = load_engine(path, model_name=model_name, topology=topology, placement_group=placement,
+                                      bundle_offset=1, max_batch=max_batch)
         _Current.api_key = os.environ.get(api_key_env) or None
+
+    def check_health(self):
+        """Serve's replica health check: a failed engine (e.g. a dead stage actor) makes Serve replace the replica."""
+        if _Current.engine is not None and _Current.engine.error is not None:
+            raise RuntimeError(f"the engine failed: {_Current.engine.error}")
+
+    def __del__(self):
+        if _Current.engine is not None:
+            _Current.engine.close()
+
+
+def placement_options(topology, num_hidden_layers: int, n_routed_experts: int) -> dict:
+    """Serve deployment options placing the replica and the stage actors of ``topology``:
+    ``placement_group_bundles`` (replica first), ``placement_group_bundle_label_selector``
+    (the replica on stage 0's rack, each actor on its stage's rack), strategy ``PACK``.
+
+    Raises:
+        ValueError: an invalid topology (named).
+    """
+    from actors.group import bundle_specs
+    from cluster.topology import build_graph, load_topology
+
+    graph = build_graph(load_topology(topology), num_hidden_layers, n_routed_experts)
+    first = next(a for a in graph.actors if a.stage == 0)
+    return {"placement_group_bundles": [{"CPU": REPLICA_CPUS}] + bundle_specs(graph),
+            "placement_group_bundle_label_selector": [first.label_selector] + [a.label_selector
+                                                                               for a in graph.actors],
+            "placement_group_strategy": "PACK"}
 
 
 def build(args: dict) -> serve.Application:
-    """``serve run deploy.serve:build path=RUN_OR_CHECKPOINT [model_name=NAME] [api_key_env=VAR]``."""
+    """``serve run deploy.serve:build path=RUN_OR_CHECKPOINT [model_name=NAME] [api_key_env=VAR]
+    [topology=TOPOLOGY.yaml] [max_batch=N]`` (``topology`` may also be a mapping, as in serve.yaml).
+
+    Raises:
+        ValueError: no ``path``, an unknown argument, or a bad path / topology (named).
+    """
+    allowed = {"path", "model_name", "api_key_env", "topology", "max_batch"}
+    unknown = sorted(set(args) - allowed)
+    if unknown:
+        raise ValueError(f"deploy.serve:build: unknown argument(s) {unknown}; allowed: {sorted(allowed)}")
     if "path" not in args:
         raise ValueError("deploy.serve:build needs path=<run directory, checkpoint or HF model directory>")
-    return OpenAIServer.bind(args["path"], args.get("model_name"), args.get("api_key_env", "TIDE_API_KEY"))
+    from .loader import model_args_of
+
+    margs = model_args_of(args["path"])  # a bad path fails here, not in the replica
+    topology = args.get("topology")
+    dep = OpenAIServer
+    if topology is not None:
+        dep = OpenAIServer.options(**placement_options(topology, margs.num_hidden_layers, margs.n_routed_experts))
+    return dep.bind(args["path"], args.get("model_name"), args.get("api_key_env", "TIDE_API_KEY"), topology,
+                    int(args.get("max_batch", 32)))
+
+
+def serve_and_ask(path, topology, message: str, *, port: int | None = None, max_tokens: int = 64) -> dict:
+    """Serve ``path`` on the connected Ray cluster (on ``topology``'s stage actors when given),
+    ask one chat completion with the official OpenAI client, print it, stop serving.
+
+    The end of ``tide train --then-serve``: proves the trained checkpoint answers through
+    the same HTTP path users call. Returns ``{"url", "model", "answer", "ttft_s", "seconds"}``
+    (time to the first streamed token and to the end of the answer).
+    """
+    import time
+
+    import openai
+
+    from comm.launch import free_port
+
+    port = port or free_port()
+    quiet = {"log_level": "WARNING", "enable_access_log": False}  # the answer, not Serve's INFO lines
+    serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config=quiet)
+    try:
+        t0 = time.monotonic()
+        serve.run(build({"path": str(path), "model_name": "tide", "topology": topology}), name="tide",
+                  route_prefix="/", logging_config=quiet)
+        where = "on the stage actors" if topology is not None else "in the replica"
+        print(f"tide: serving {path} {where} at http://127.0.0.1:{port}/v1 (started in "
+              f"{time.monotonic() - t0:.1f} s); asking: {message!r}", flush=True)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=os.environ.get("TIDE_API_KEY", "-"),
+                               max_retries=2, timeout=300)
+        t0 = time.monotonic()
+        stream = client.chat.completions.create(model="tide", messages=[{"role": "user", "content": message}],
+                                                max_tokens=max_tokens, temperature=0.7, top_p=0.95, seed=0,
+                                                stream=True)  # seeded: the same answer every time
+        parts, ttft = [], None
+        for chunk in stream:
+            text = chunk.choices[0].delta.content if chunk.choices else None
+            if text:
+                ttft = ttft if ttft is not None else time.monotonic() - t0
+                parts.append(text)
+        elapsed = time.monotonic() - t0
+        answer = "".join(parts)
+        print(f"tide: the served model answers ({elapsed:.1f} s, first token after "
+              f"{(ttft or elapsed) * 1000:.0f} ms):\n{answer}", flush=True)
+        return {"url": f"http://127.0.0.1:{port}/v1", "model": str(path), "answer": answer,
+                "ttft_s": round(ttft or elapsed, 3), "seconds": round(elapsed, 3)}
+    finally:
+        serve.shutdown()

@@ -30,7 +30,7 @@ from torch import nn
 from .config import CSA, HCA, SWA, ModelArgs
 from .layers import RMSNorm, rms_norm_noweight
 from .rope import Rotary, apply_rope
-from .state import CompressorState, Growable, LayerState, window_positions
+from .state import CompressorState, Growable, LayerState, is_ragged, window_positions
 
 # Query rows processed together in the attention core; bounds the logits memory
 # of long prefills to O(QUERY_CHUNK * (W + K + T/128)) per head. Small chunks also
@@ -77,9 +77,12 @@ class Compressor(nn.Module):
         Returns:
             new entries ``[B, n, D]`` (post-norm, post-RoPE).
         """
-        B = x_BSE.shape[0]
-        kv = self.kv_proj(x_BSE)
-        gate = self.gate_proj(x_BSE)
+        return self.pool(self.kv_proj(x_BSE), self.gate_proj(x_BSE), rotary, state, start_entry, doc_ids_BS)
+
+    def pool(self, kv: torch.Tensor, gate: torch.Tensor, rotary: Rotary, state: CompressorState | None,
+             start_entry: int, doc_ids_BS: torch.Tensor | None = None) -> torch.Tensor:
+        """``forward`` after the projections: ``kv``/``gate`` ``[B, S, C]`` -> new entries ``[B, n, D]``."""
+        B = kv.shape[0]
         if state is not None and state.tail_kv is not None and state.tail_kv.shape[1]:
             kv = torch.cat([state.tail_kv, kv], dim=1)
             gate = torch.cat([state.tail_gate, gate], dim=1)
@@ -113,7 +116,7 @@ class Compressor(nn.Module):
             gate = torch.cat([prev_gate, cur_gate], dim=2)
         pooled = (kv * gate.softmax(dim=2, dtype=torch.float32).to(kv.dtype)).sum(dim=2)
         entries = self.kv_norm(pooled)
-        positions = (torch.arange(n, device=x_BSE.device) + start_entry) * self.rate
+        positions = (torch.arange(n, device=kv.device) + start_entry) * self.rate
         cos, sin = rotary.cos_sin(positions, "compress")
         return apply_rope(entries, cos, sin)
 
@@ -141,10 +144,6 @@ class Indexer(Compressor):
         for m in (self.q_b_proj, self.scorer.weights_proj):
             nn.init.normal_(m.weight, std=std)
 
-    def compress(self, x_BSE, rotary, state, start_entry, doc_ids_BS=None):
-        """The indexer's compressed keys ``[B, n, index_head_dim]`` (see ``Compressor.forward``)."""
-        return Compressor.forward(self, x_BSE, rotary, state, start_entry, doc_ids_BS)
-
     def queries(self, x_BSE: torch.Tensor, cq_BSL: torch.Tensor, q_cos, q_sin):
         """``(q [B,S,I,Di] float32, w [B,S,I] float32)`` for the scorer."""
         B, S, _ = x_BSE.shape
@@ -164,12 +163,15 @@ class Indexer(Compressor):
     def select(self, scores_BQT: torch.Tensor, q_pos_Q: torch.Tensor, allowed_BQT: torch.Tensor | None = None):
         """Top-k eligible entries: ``(indices [B,Q,K] int64 clamped >= 0, valid [B,Q,K] bool)``.
 
+        ``q_pos_Q``: query positions ``[Q]``, or ``[B, Q]`` when every row has its own.
+
         Eligible: causal (``s < (t+1)//M``) and, if given, ``allowed`` (same document).
         ``K = min(index_topk, T)``; slots beyond a query's eligible count are invalid.
         """
         T = scores_BQT.shape[-1]
         k = min(self.topk, T)
-        limit = ((q_pos_Q + 1) // self.rate).view(1, -1, 1)
+        # q_pos [Q] (shared by the rows) or [B, Q] (a ragged batch: each row at its own position)
+        limit = ((q_pos_Q + 1) // self.rate).view(-1 if q_pos_Q.dim() == 2 else 1, q_pos_Q.shape[-1], 1)
         eligible = torch.arange(T, device=scores_BQT.device).view(1, 1, -1) < limit
         if allowed_BQT is not None:
             eligible = eligible & allowed_BQT
@@ -262,59 +264,150 @@ class Attention(nn.Module):
         a CSA entry whose previous block starts in another document pools its own block
         only, as the first entry of a sequence does. A document that starts on a block
         boundary therefore gets exactly the logits it would get alone.
+
+        Ragged batch (continuous batching): ``state`` a list of batch-1 ``LayerState``s
+        and ``pos0`` a list of their start positions, one per row of ``x``; the
+        projections run batched, the window / compressed-entry attention per row.
         """
         if doc_ids_BS is not None and state is not None:
             raise ValueError("doc_ids (sample-level masking) is for stateless training forwards only")
         B, S, _ = x_BSE.shape
         H, D = self.n_heads, self.head_dim
         dev = x_BSE.device
-        q_pos = torch.arange(pos0, pos0 + S, device=dev)
+        ragged = is_ragged(state)
+        if ragged:  # one batch-1 state and start position per row (continuous batching)
+            q_pos = torch.tensor(pos0, device=dev).view(B, 1) + torch.arange(S, device=dev)  # [B,S]
+        else:
+            q_pos = torch.arange(pos0, pos0 + S, device=dev)  # [S]
         cos, sin = self.rotary.cos_sin(q_pos, self.rope_kind)
+        # per-row tables need the head axis made explicit (apply_rope infers it from [S, R/2] only)
+        hcos, hsin = (cos.unsqueeze(-2), sin.unsqueeze(-2)) if ragged else (cos, sin)
 
         cq = self.q_a_norm(self.q_a_proj(x_BSE))
         q = self.q_b_proj(cq).view(B, S, H, D)
-        q = apply_rope(rms_norm_noweight(q, self.eps), cos, sin)
+        q = apply_rope(rms_norm_noweight(q, self.eps), hcos, hsin)
         kv = apply_rope(self.kv_norm(self.kv_proj(x_BSE)), cos, sin)  # [B,S,D]
 
-        # Window keys: ring (previous tokens) + this call's tokens.
+        # Projections run batched over all rows; pooling into entries is per sequence.
+        proj = iq = iw = None
+        if self.compressor is not None:
+            proj = [self.compressor.kv_proj(x_BSE), self.compressor.gate_proj(x_BSE), None, None]
+            if self.layer_type == CSA and (not self.dense_csa or self.indexer_kl):
+                ix = self.compressor.indexer
+                x_ix, cq_ix = (x_BSE.detach(), cq.detach()) if self.indexer_kl else (x_BSE, cq)
+                proj[2:] = ix.kv_proj(x_ix), ix.gate_proj(x_ix)
+                icos, isin = self.rotary.cos_sin(q_pos, "compress")
+                if ragged:
+                    icos, isin = icos.unsqueeze(-2), isin.unsqueeze(-2)
+                iq, iw = ix.queries(x_ix, cq_ix, icos, isin)
+
+        if not ragged:
+            comp, sel = self._entries(proj, state, doc_ids_BS)
+            entry_doc = None
+            if doc_ids_BS is not None and comp is not None and comp.shape[1]:
+                # An entry is visible to a query of the same document as its block's first token:
+                # causality puts the block's end before the query, so the whole block is in that
+                # document, and the compressor dropped the previous block if it started elsewhere.
+                entry_doc = doc_ids_BS[:, torch.arange(comp.shape[1], device=dev) * self.rate]  # [B,T]
+            out = self._core(q, kv, q_pos, pos0, state, comp, iq, iw, sel, doc_ids_BS, entry_doc)
+        else:
+            rows = [self._entries(None if proj is None else [t if t is None else t[i:i + 1] for t in proj], st)
+                    for i, st in enumerate(state)]  # each sequence's entries (its state updated)
+            if S == 1:  # decode: one batched attention over all rows
+                out = self._decode_rows(q, kv, q_pos[:, 0], pos0, state, rows, iq, iw)
+            else:
+                out = torch.empty(B, S, H, D, dtype=q.dtype, device=dev)
+                for i, (st, (comp, sel)) in enumerate(zip(state, rows, strict=True)):
+                    r = slice(i, i + 1)
+                    out[r] = self._core(q[r], kv[r], q_pos[i], pos0[i], st, comp, None if iq is None else iq[r],
+                                        None if iw is None else iw[r], sel)
+        return self._output(out, hcos, hsin)
+
+    def _decode_rows(self, q, kv, pos_B, pos_list, states, rows, iq, iw):
+        """One decode token for each row of a ragged batch, attended in one batched pass.
+
+        ``q [B,1,H,D]``, ``kv [B,1,D]``, ``pos_B [B]`` the rows' positions (``pos_list`` as ints), ``states`` their
+        ``LayerState``s, ``rows`` their ``(comp [1,T_b,D], indexer keys [1,T_b,Di])`` from
+        ``_entries``. The rows' rings are stacked and their compressed entries zero-padded to
+        the longest row: padding lies past every row's causal limit ``(pos+1)//M``, so the
+        eligibility masks already exclude it and each row gets its unpadded result.
+        Writes each row's kv into its ring. Returns ``[B,1,H,D]``.
+        """
+        B = q.shape[0]
+        W = self.window
+        ring = torch.cat([st.window for st in states])  # [B,W,D]
+        slots = torch.arange(W, device=q.device).view(1, W)
+        pos = pos_B.view(B, 1)
+        ring_pos = pos - 1 - torch.remainder(pos - 1 - slots, W)  # window_positions per row [B,W]
+        keys = torch.cat([ring, kv], dim=1)
+        kpos = torch.cat([ring_pos, pos], dim=1)  # [B,W+1]
+        win_mask = ((kpos <= pos) & (kpos > pos - W) & (kpos >= 0)).unsqueeze(1)  # [B,1,W+1]
+        ctx = None
+        if rows[0][0] is not None:
+            pad = torch.nn.utils.rnn.pad_sequence
+            comp = pad([c[0] for c, _ in rows], batch_first=True)  # [B,Tmax,D]
+            if comp.shape[1] == 0:
+                comp = q.new_zeros(B, 0, kv.shape[-1])
+            if self.layer_type == CSA and not self.dense_csa:
+                ikeys = pad([k[0] for _, k in rows], batch_first=True)
+                if ikeys.shape[1] == 0:
+                    ikeys = q.new_zeros(B, 0, self.compressor.indexer.head_dim)
+                scores = self.compressor.indexer.scores(iq, iw, ikeys)  # [B,1,Tmax]
+                idx, valid = self.compressor.indexer.select(scores, pos)
+                ctx = ("sparse", comp, idx, valid)
+            else:
+                limit = (pos + 1) // self.rate  # [B,1]
+                vis = (torch.arange(comp.shape[1], device=q.device).view(1, -1) < limit).unsqueeze(1)
+                ctx = ("dense", comp, vis)
+        out, _ = self._attend(q, keys, win_mask, ctx)
+        for b, (st, p) in enumerate(zip(states, pos_list, strict=True)):
+            st.window[:, p % W] = kv[b].to(st.window.dtype)
+        return out
+
+    def _entries(self, proj, state: LayerState | None, doc_ids_BS=None):
+        """Compressed entries visible to this call, ``(comp [B,T,D] or None, indexer keys [B,T,Di] or None)``.
+
+        ``proj``: ``[kv, gate, indexer kv, indexer gate]`` projections of this call's tokens
+        (None without a compressor; the indexer pair None when the indexer is off). With a
+        state, the new entries are appended to it and the whole history is returned.
+        """
+        if proj is None:
+            return None, None
+        cstate = state.compressor if state is not None else None
+        new = self.compressor.pool(proj[0], proj[1], self.rotary, cstate, cstate.comp.n if cstate else 0, doc_ids_BS)
+        if cstate is not None:
+            cstate.comp.append(new)
+            new = cstate.comp.data
+        if proj[2] is None:
+            return new, None
+        istate = state.indexer if state is not None else None
+        inew = self.compressor.indexer.pool(proj[2], proj[3], self.rotary, istate, istate.comp.n if istate else 0,
+                                            doc_ids_BS)
+        if istate is not None:
+            istate.comp.append(inew)
+            inew = istate.comp.data
+        return new, inew
+
+    def _output(self, out_BSHD: torch.Tensor, cos, sin) -> torch.Tensor:
+        """Inverse RoPE at the query positions, then the grouped output projection -> ``[B,S,E]``."""
+        B, S = out_BSHD.shape[:2]
+        out = apply_rope(out_BSHD, cos, -sin)  # undo the value's RoPE at the query position
+        grouped = out.reshape(B, S, self.o_groups, -1)
+        w = self.o_a_proj.weight.view(self.o_groups, -1, grouped.shape[-1])  # [G, Ro, H*D/G]
+        proj = torch.einsum("bsgi,goi->bsgo", grouped, w).flatten(2)
+        return self.o_b_proj(proj)
+
+    def _core(self, q, kv, q_pos, pos0: int, state, comp, iq, iw, sel, doc_ids_BS=None, entry_doc=None):
+        """Attention of queries ``q [B,S,H,D]`` (positions ``q_pos [S]`` from ``pos0``) over the window
+        (``state``'s ring + this call's ``kv [B,S,D]``) and the compressed entries ``comp [B,T,D]``
+        (top-k picked with the indexer's ``iq``/``iw`` against its keys ``sel``); writes this call's
+        kv into the ring. Returns ``[B,S,H,D]`` before the inverse RoPE."""
+        B, S, H, D = q.shape
+        dev = q.device
         if state is not None:
             ring, ring_pos = state.window, window_positions(pos0, self.window, dev)
         else:
             ring, ring_pos = kv[:, :0], q_pos[:0]
-
-        comp = sel = None
-        iq = iw = None
-        if self.compressor is not None:
-            cstate = state.compressor if state is not None else None
-            start = cstate.comp.n if cstate is not None else 0
-            new = self.compressor(x_BSE, self.rotary, cstate, start, doc_ids_BS)
-            if cstate is not None:
-                cstate.comp.append(new)
-                comp = cstate.comp.data
-            else:
-                comp = new
-            if self.layer_type == CSA and (not self.dense_csa or self.indexer_kl):
-                ix = self.compressor.indexer
-                istate = state.indexer if state is not None else None
-                istart = istate.comp.n if istate is not None else 0
-                x_ix, cq_ix = (x_BSE.detach(), cq.detach()) if self.indexer_kl else (x_BSE, cq)
-                inew = ix.compress(x_ix, self.rotary, istate, istart, doc_ids_BS)
-                if istate is not None:
-                    istate.comp.append(inew)
-                    ikeys = istate.comp.data
-                else:
-                    ikeys = inew
-                icos, isin = self.rotary.cos_sin(q_pos, "compress")
-                iq, iw = ix.queries(x_ix, cq_ix, icos, isin)
-                sel = ikeys
-
-        entry_doc = None
-        if doc_ids_BS is not None and comp is not None and comp.shape[1]:
-            # An entry is visible to a query of the same document as its block's first token:
-            # causality puts the block's end before the query, so the whole block is in that
-            # document, and the compressor dropped the previous block if it started elsewhere.
-            entry_doc = doc_ids_BS[:, torch.arange(comp.shape[1], device=dev) * self.rate]  # [B,T]
-
         out = torch.empty(B, S, H, D, dtype=q.dtype, device=dev)
         for c0 in range(0, S, QUERY_CHUNK):
             c1 = min(S, c0 + QUERY_CHUNK)
@@ -358,11 +451,7 @@ class Attention(nn.Module):
             slots = torch.remainder(torch.arange(pos0 + S - n_keep, pos0 + S, device=dev), self.window)
             state.window[:, slots] = kv[:, S - n_keep:].to(state.window.dtype)
 
-        out = apply_rope(out, cos, -sin)  # undo the value's RoPE at the query position
-        grouped = out.reshape(B, S, self.o_groups, -1)
-        w = self.o_a_proj.weight.view(self.o_groups, -1, grouped.shape[-1])  # [G, Ro, H*D/G]
-        proj = torch.einsum("bsgi,goi->bsgo", grouped, w).flatten(2)
-        return self.o_b_proj(proj)
+        return out
 
     def _accumulate_kl(self, p_comp_BQHT: torch.Tensor, scores_BQT: torch.Tensor, ctx) -> None:
         """KL(teacher || indexer) over the compressed entries of one query chunk.

@@ -35,7 +35,7 @@ from torch import nn
 
 from .attention import Attention
 from .moe import MoE
-from .state import ModelState
+from .state import ModelState, advance, check_rows, layer_state, start_positions
 from .training import IGNORE, LossConfig, _reset_kl, sequence_balance_loss
 from .transformer import Transformer
 
@@ -96,7 +96,8 @@ class PipelineStage(nn.Module):
     - returns streams ``[B,S,N,E]``, or on the last stage the hidden state after the
       hyper-head ``[B,S,E]`` (before the final norm), as ``Transformer.forward_hidden``;
     - with ``state`` (``new_state``; inference) positions continue from ``state.pos``
-      and the state advances, as ``Transformer.forward`` with a ``ModelState``.
+      and the state advances, as ``Transformer.forward`` with a ``ModelState`` (or a
+      list of per-row states: a ragged batch).
     """
 
     def __init__(self, args, start: int, end: int, first: bool, last: bool, expert_lo: int, expert_hi: int):
@@ -181,11 +182,11 @@ class PipelineStage(nn.Module):
                 raise ValueError(f"stage {self.start}..{self.end} needs streams [B,S,N,E] matching input_ids "
                                  f"{tuple(input_ids.shape)}, got {None if inp is None else tuple(inp.shape)}")
             streams = inp
-        pos0 = state.pos if state is not None else 0
+        check_rows(state, input_ids.shape[0], input_ids.shape[1], self.args.max_position_embeddings)
+        pos0 = start_positions(state)
         for j, blk in enumerate(self.layers.values()):
-            streams = blk(streams, input_ids, pos0, state.layers[j] if state is not None else None, doc_ids)
-        if state is not None:
-            state.pos += input_ids.shape[1]
+            streams = blk(streams, input_ids, pos0, layer_state(state, j), doc_ids)
+        advance(state, input_ids.shape[1])
         return self.hc_head(streams) if self.last else streams
 
     def logits(self, hidden_BSE: torch.Tensor) -> torch.Tensor:

@@ -113,3 +113,63 @@ def window_positions(pos: int, window: int, device=None) -> torch.Tensor:
     """
     slots = torch.arange(window, device=device)
     return pos - 1 - torch.remainder(pos - 1 - slots, window)
+
+
+# ----------------------------------------------------------------- ragged batches
+# Continuous batching (deploy/) runs one decode step for many sequences at once, each at
+# its own position with its own state: ``state`` is then a list of batch-1 ``ModelState``s,
+# one per row of ``input_ids``. These helpers let the model code take either form.
+
+def is_ragged(state) -> bool:
+    """True when ``state`` is a list of per-row ``ModelState``s (a ragged batch)."""
+    return isinstance(state, (list, tuple))
+
+
+def check_rows(state, batch: int, seq: int, max_positions: int) -> None:
+    """Validate a state (single or ragged) against ``input_ids [batch, seq]``.
+
+    Raises:
+        ValueError: the state was made for another batch size, a ragged row is not a
+            batch-1 state, or a row would run past ``max_positions``.
+    """
+    if state is None:
+        return
+    if is_ragged(state):
+        if len(state) != batch:
+            raise ValueError(f"a ragged batch needs one state per row: {len(state)} states for batch {batch}")
+        for i, st in enumerate(state):
+            if st.layers and st.layers[0].window.shape[0] != 1:
+                raise ValueError(f"ragged row {i}: its state holds {st.layers[0].window.shape[0]} sequences, "
+                                 f"expected 1")
+            if st.pos + seq > max_positions:
+                raise ValueError(f"ragged row {i} reaches position {st.pos + seq}, beyond "
+                                 f"max_position_embeddings = {max_positions}")
+        return
+    if state.layers and state.layers[0].window.shape[0] != batch:
+        raise ValueError(f"state was created for batch {state.layers[0].window.shape[0]}, input_ids has "
+                         f"batch {batch}")
+    if state.pos + seq > max_positions:
+        raise ValueError(f"sequence reaches position {state.pos + seq}, beyond "
+                         f"max_position_embeddings = {max_positions}")
+
+
+def start_positions(state):
+    """``state.pos`` (int), a list of each row's position for a ragged batch, or 0 without a state."""
+    if state is None:
+        return 0
+    return [st.pos for st in state] if is_ragged(state) else state.pos
+
+
+def layer_state(state, i: int):
+    """Layer ``i``'s state: a ``LayerState``, a list of them (ragged), or None."""
+    if state is None:
+        return None
+    return [st.layers[i] for st in state] if is_ragged(state) else state.layers[i]
+
+
+def advance(state, n: int) -> None:
+    """Move every row of ``state`` forward by ``n`` consumed tokens."""
+    if state is None:
+        return
+    for st in (state if is_ragged(state) else [state]):
+        st.pos += n

@@ -18,7 +18,7 @@ from .attention import Attention
 from .config import SWA, ModelArgs
 from .layers import HyperConnection, HyperHead, RMSNorm
 from .moe import MoE
-from .state import ModelState
+from .state import ModelState, advance, check_rows, layer_state, start_positions
 
 DEFAULT_PREFILL_CHUNK = 2048
 
@@ -86,6 +86,8 @@ class Transformer(nn.Module):
     ``forward(input_ids [B,S] int64) -> logits [B,S,V]`` float (the parameters' dtype).
     Pass a ``ModelState`` (``new_state``) to continue a sequence (decode or
     chunked prefill): positions start at ``state.pos`` and the state advances.
+    A list of batch-1 ``ModelState``s, one per row, runs a ragged batch: every row
+    continues its own sequence from its own position (continuous batching).
     """
 
     def __init__(self, args: ModelArgs):
@@ -134,25 +136,22 @@ class Transformer(nn.Module):
             lo, hi = int(input_ids.min()), int(input_ids.max())
             if lo < 0 or hi >= self.args.vocab_size:
                 raise ValueError(f"token ids must be in [0, {self.args.vocab_size}), got min {lo}, max {hi}")
-        if state is not None and state.layers and state.layers[0].window.shape[0] != input_ids.shape[0]:
-            raise ValueError(f"state was created for batch {state.layers[0].window.shape[0]}, input_ids has "
-                             f"batch {input_ids.shape[0]}")
         if doc_ids is not None:
             if doc_ids.shape != input_ids.shape:
                 raise ValueError(f"doc_ids shape {tuple(doc_ids.shape)} must equal input_ids shape "
                                  f"{tuple(input_ids.shape)}")
             if input_ids.shape[1] > 1 and bool((doc_ids[:, 1:] < doc_ids[:, :-1]).any()):
                 raise ValueError("doc_ids must be non-decreasing along the sequence (one id per packed document)")
-        pos0 = state.pos if state is not None else 0
-        if pos0 + input_ids.shape[1] > self.args.max_position_embeddings:
-            raise ValueError(f"sequence reaches position {pos0 + input_ids.shape[1]}, beyond "
+        check_rows(state, input_ids.shape[0], input_ids.shape[1], self.args.max_position_embeddings)
+        if input_ids.shape[1] > self.args.max_position_embeddings:
+            raise ValueError(f"sequence reaches position {input_ids.shape[1]}, beyond "
                              f"max_position_embeddings = {self.args.max_position_embeddings}")
+        pos0 = start_positions(state)
         x = self.embed_tokens(input_ids)
         streams = x.unsqueeze(2).expand(-1, -1, self.args.hc_mult, -1).contiguous()
         for i, layer in enumerate(self.layers):
-            streams = layer(streams, input_ids, pos0, state.layers[i] if state is not None else None, doc_ids)
-        if state is not None:
-            state.pos += input_ids.shape[1]
+            streams = layer(streams, input_ids, pos0, layer_state(state, i), doc_ids)
+        advance(state, input_ids.shape[1])
         return self.hc_head(streams)
 
     def forward(self, input_ids: torch.Tensor, state: ModelState | None = None,

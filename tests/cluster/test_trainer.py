@@ -145,6 +145,9 @@ def test_export_and_damaged_checkpoints(tmp_path):
     with torch.no_grad():
         assert torch.equal(m(ids), tr.model(ids))
     assert (out / "tokenizer.json").is_file()
+    from cluster.data import CHAT_TEMPLATE, read_chat_template
+
+    assert read_chat_template(tmp_path / "exp") == read_chat_template(out) == CHAT_TEMPLATE  # stored, exported
     last = ckpt.latest_checkpoint(tmp_path / "exp" / "checkpoints")
     f = last / "model.safetensors"
     data = bytearray(f.read_bytes())

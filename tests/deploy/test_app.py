@@ -10,9 +10,7 @@ from cluster.data import train_or_load_tokenizer
 from deploy.app import build_app
 from deploy.engine import LocalEngine
 from model import ModelArgs, Transformer
-
-TEXTS = ["def add(a, b):\n    return a + b\n", "import os\nprint(os.getcwd())\n",
-         "for i in range(10):\n    pass\n"] * 20
+from tests.deploy.util import TEXTS
 
 
 @pytest.fixture(scope="module")
@@ -105,16 +103,30 @@ def test_time_limit_cancels_and_frees_the_state(engine):
     assert stats["live_sequences"] == 0 and stats["decode_state_bytes"] == 0 and stats["admitted_requests"] == 0
 
 
+def _wait_for(pred, timeout=30.0):
+    import time
+
+    t0 = time.monotonic()
+    while not pred():
+        assert time.monotonic() - t0 < timeout, "condition not reached in time"
+        time.sleep(0.01)
+
+
 def test_a_dropped_stream_frees_its_decode_state(engine):
     from deploy.protocol import validate_request
 
-    req = validate_request({"prompt": "import", "max_tokens": 40, "temperature": 0.9, "seed": 1}, "completion",
+    eos = engine.eos_id
+    req = validate_request({"prompt": "import", "max_tokens": 400, "temperature": 0.9, "seed": 1,
+                            "logit_bias": {str(eos): -100}}, "completion",
                            vocab_size=engine.vocab_size, context=engine.context, model_name=engine.model_name)
+    _wait_for(lambda: engine.stats()["live_sequences"] == 0)
     before = engine.stats()["completed"]
     gen = engine.stream(engine.encode("import"), req)
     next(gen)
     live = engine.stats()
     assert live["live_sequences"] == 1 and live["decode_state_bytes"] > 0
     gen.close()  # what a client disconnect does to the streaming response's generator
+    _wait_for(lambda: engine.stats()["live_sequences"] == 0)  # freed at the engine's next step
     after = engine.stats()
-    assert after["live_sequences"] == 0 and after["decode_state_bytes"] == 0 and after["completed"] == before + 1
+    assert after["decode_state_bytes"] == 0 and after["completed"] == before + 1
+    assert after["generated_tokens"] - live["generated_tokens"] < 399  # cancelled, not run to the end

@@ -5,21 +5,15 @@ import ray
 import torch
 from ray import serve
 
-from cluster.data import train_or_load_tokenizer
 from comm.launch import free_port
 from deploy.serve import build
-from model import ModelArgs, Transformer, save_hf
-from tests.deploy.test_app import TEXTS
+from tests.deploy.util import write_tiny_hf
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     d = tmp_path_factory.mktemp("hf")
-    tok = train_or_load_tokenizer(TEXTS, 300, tmp_path_factory.mktemp("tok"), progress=False)
-    torch.manual_seed(0)
-    model = Transformer(ModelArgs.flavor("debug", vocab_size=tok.get_vocab_size(), max_position_embeddings=512))
-    save_hf(model, d)
-    tok.save(str(d / "tokenizer.json"))
+    model, tok = write_tiny_hf(d, tmp_path_factory.mktemp("tok"))
     port = free_port()
     ray.init(address="local", num_cpus=2, include_dashboard=False)  # its own cluster, whatever else runs
     serve.start(http_options={"host": "127.0.0.1", "port": port})
