@@ -51,10 +51,15 @@ class OpenAIServer:
     """One replica: loads the engine (in process, or on stage actors in its placement group)."""
 
     def __init__(self, path: str, model_name: str | None = None, api_key_env: str = "TIDE_API_KEY",
-                 topology=None, max_batch: int = 32):
+                 topology=None, max_batch: int = 32, torch_threads: int | None = None):
         from ray.util import get_current_placement_group
 
         from .loader import load_engine
+
+        if torch_threads:  # intra-op threads of this replica (the HTTP side needs a core too)
+            import torch
+
+            torch.set_num_threads(torch_threads)
 
         placement = get_current_placement_group() if topology is not None else None
         _Current.engine = load_engine(path, model_name=model_name, topology=topology, placement_group=placement,
@@ -92,12 +97,13 @@ def placement_options(topology, num_hidden_layers: int, n_routed_experts: int) -
 
 def build(args: dict) -> serve.Application:
     """``serve run deploy.serve:build path=RUN_OR_CHECKPOINT [model_name=NAME] [api_key_env=VAR]
-    [topology=TOPOLOGY.yaml] [max_batch=N]`` (``topology`` may also be a mapping, as in serve.yaml).
+    [topology=TOPOLOGY.yaml] [max_batch=N] [torch_threads=N]`` (``topology`` may also be a mapping,
+    as in serve.yaml).
 
     Raises:
         ValueError: no ``path``, an unknown argument, or a bad path / topology (named).
     """
-    allowed = {"path", "model_name", "api_key_env", "topology", "max_batch"}
+    allowed = {"path", "model_name", "api_key_env", "topology", "max_batch", "torch_threads"}
     unknown = sorted(set(args) - allowed)
     if unknown:
         raise ValueError(f"deploy.serve:build: unknown argument(s) {unknown}; allowed: {sorted(allowed)}")
@@ -110,8 +116,9 @@ def build(args: dict) -> serve.Application:
     dep = OpenAIServer
     if topology is not None:
         dep = OpenAIServer.options(**placement_options(topology, margs.num_hidden_layers, margs.n_routed_experts))
+    threads = args.get("torch_threads")
     return dep.bind(args["path"], args.get("model_name"), args.get("api_key_env", "TIDE_API_KEY"), topology,
-                    int(args.get("max_batch", 32)))
+                    int(args.get("max_batch", 32)), int(threads) if threads else None)
 
 
 def serve_and_ask(path, topology, message: str, *, port: int | None = None, max_tokens: int = 64) -> dict:
