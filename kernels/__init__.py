@@ -1,8 +1,48 @@
-"""Triton kernels: the optional fast path of the model.
+"""Triton kernels: the optional fast path of the model (issue 6).
 
-Each op lives in ``kernels/<op>.py`` with its ``@triton.jit`` kernel, launcher and
-autograd wrapper; its torch reference (same signature) lives in ``model``, and a
-Z3 model of its index arithmetic lives in ``kernels/verify/``. Triton is the
-optional ``kernels`` extra; on CPU the kernels run under ``TRITON_INTERPRET=1``.
-Importing this package must not require triton.
+Each op lives in ``kernels/<op>.py`` with its ``@triton.jit`` kernels (index arithmetic in
+small ``@triton.jit`` helpers) and launchers; ``kernels/ops.py`` registers them as
+``torch.library.custom_op``s with fake implementations (``torch.compile`` traces them)
+and autograd; the torch reference (same math) lives in ``model``; a Z3 model of every
+kernel's index arithmetic lives in ``kernels/verify/`` (``tide verify``).
+
+The model calls a kernel when ``use_kernels(tensor)`` is true: the tensor is on CUDA,
+Triton imports, and ``TIDE_KERNELS`` is not ``0``. On CPU the torch reference runs,
+except inside ``forced()`` (tests run the kernels under ``TRITON_INTERPRET=1``).
+Importing this package does not import triton.
 """
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+
+_forced: list[bool] = []
+
+
+@functools.cache
+def triton_available() -> bool:
+    """True when Triton imports (the optional ``kernels`` extra)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def use_kernels(t) -> bool:
+    """Whether the model should run the Triton kernels for tensor ``t`` (see module docstring)."""
+    if _forced:
+        return _forced[-1]
+    return bool(getattr(t, "is_cuda", False)) and os.environ.get("TIDE_KERNELS", "1") != "0" and triton_available()
+
+
+@contextlib.contextmanager
+def forced(on: bool = True):
+    """Run the kernels (``on``) or the torch references (``not on``) whatever the device."""
+    _forced.append(on)
+    try:
+        yield
+    finally:
+        _forced.pop()

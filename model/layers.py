@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import kernels
+
 
 class RMSNorm(nn.Module):
     """RMSNorm with a float32 weight; computes in float32, returns the input dtype.
@@ -81,7 +83,13 @@ class HyperConnection(nn.Module):
         nn.init.normal_(self.fn, std=0.02)
 
     def forward(self, streams_BSND: torch.Tensor):
-        B, S, N, _ = streams_BSND.shape
+        B, S, N, D = streams_BSND.shape
+        if self.constrained and kernels.use_kernels(streams_BSND):  # fused Triton kernels (kernels/mhc.py)
+            from kernels.ops import mhc_collapse
+
+            post, comb, out = mhc_collapse(streams_BSND.reshape(B * S, N, D), self.fn, self.base, self.scale,
+                                           self.iters, self.hc_eps, self.norm_eps)
+            return post.view(B, S, N), comb.view(B, S, N, N), out.view(B, S, D)
         flat = rms_norm_noweight(streams_BSND.reshape(B, S, -1).float(), self.norm_eps)
         mix = F.linear(flat, self.fn.float())
         pre_w, post_w, comb_w = mix.split([N, N, N * N], dim=-1)

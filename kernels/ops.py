@@ -1,0 +1,74 @@
+"""The kernels as ``torch.library`` custom ops: fake implementations for ``torch.compile``,
+autograd through the backward kernels (issue 6).
+
+- ``tide::mhc(x [T,N,D], fn [O,N*D], base [O], scale [3], iters, hc_eps, norm_eps)
+  -> (post [T,N], comb [T,N,N], out [T,D], mix [T,O], rstd [T])`` (``mix``/``rstd``: saved
+  for the backward, not differentiable), ``tide::mhc_backward``; ``mhc_collapse`` is the
+  differentiable entry point ``model.layers.HyperConnection`` uses.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.library import custom_op
+
+
+@custom_op("tide::mhc", mutates_args=())
+def mhc(x: Tensor, fn: Tensor, base: Tensor, scale: Tensor, iters: int, hc_eps: float,
+        norm_eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    from .mhc import mhc_forward
+
+    return mhc_forward(x, fn, base, scale, iters, hc_eps, norm_eps)
+
+
+@mhc.register_fake
+def _mhc_fake(x, fn, base, scale, iters, hc_eps, norm_eps):
+    T, N, D = x.shape
+    f32 = dict(dtype=torch.float32, device=x.device)
+    return (x.new_empty(T, N, **f32), x.new_empty(T, N, N, **f32), x.new_empty(T, D),
+            x.new_empty(T, (2 + N) * N, **f32), x.new_empty(T, **f32))
+
+
+@custom_op("tide::mhc_backward", mutates_args=())
+def mhc_backward(x: Tensor, fn: Tensor, base: Tensor, scale: Tensor, mix: Tensor, rstd: Tensor, dpost: Tensor,
+                 dcomb: Tensor, dout: Tensor, iters: int, hc_eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    from .mhc import mhc_backward as run
+
+    return run(x, fn, base, scale, mix, rstd, dpost, dcomb, dout, iters, hc_eps)
+
+
+@mhc_backward.register_fake
+def _mhc_backward_fake(x, fn, base, scale, mix, rstd, dpost, dcomb, dout, iters, hc_eps):
+    f32 = dict(dtype=torch.float32, device=x.device)
+    return torch.empty_like(x), fn.new_empty(fn.shape, **f32), base.new_empty(base.shape, **f32), \
+        scale.new_empty(scale.shape, **f32)
+
+
+def _setup(ctx, inputs, output):
+    x, fn, base, scale, iters, hc_eps, _ = inputs
+    _, _, _, mix, rstd = output
+    ctx.save_for_backward(x, fn, base, scale, mix, rstd)
+    ctx.iters, ctx.hc_eps = iters, hc_eps
+    ctx.mark_non_differentiable(mix, rstd)
+
+
+def _backward(ctx, dpost, dcomb, dout, _dmix, _drstd):
+    x, fn, base, scale, mix, rstd = ctx.saved_tensors
+    T, N, D = x.shape
+    dpost = dpost if dpost is not None else x.new_zeros(T, N, dtype=torch.float32)
+    dcomb = dcomb if dcomb is not None else x.new_zeros(T, N, N, dtype=torch.float32)
+    dout = dout if dout is not None else x.new_zeros(T, D)
+    dx, dfn, dbase, dscale = mhc_backward(x, fn, base, scale, mix, rstd, dpost, dcomb, dout, ctx.iters, ctx.hc_eps)
+    return dx, dfn.to(fn.dtype), dbase.to(base.dtype), dscale.to(scale.dtype), None, None, None
+
+
+mhc.register_autograd(_backward, setup_context=_setup)
+
+
+def mhc_collapse(x_TND: Tensor, fn: Tensor, base: Tensor, scale: Tensor, iters: int, hc_eps: float,
+                 norm_eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """``(post [T,N], comb [T,N,N], collapsed [T,D])`` of ``model.layers.HyperConnection`` via the fused
+    kernels (differentiable in x, fn, base, scale)."""
+    post, comb, out, _, _ = mhc(x_TND, fn, base, scale, iters, hc_eps, norm_eps)
+    return post, comb, out
