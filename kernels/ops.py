@@ -5,6 +5,9 @@ autograd through the backward kernels (issue 6).
   -> (post [T,N], comb [T,N,N], out [T,D], mix [T,O], rstd [T])`` (``mix``/``rstd``: saved
   for the backward, not differentiable), ``tide::mhc_backward``; ``mhc_collapse`` is the
   differentiable entry point ``model.layers.HyperConnection`` uses.
+- ``tide::compressor_pool(kv [B,L,C], gate [B,L,C], bias [M,C], rate, overlap, prev_ok [B,n] | None)
+  -> pooled [B, L // rate, D]`` float32 and ``tide::compressor_pool_backward``: the stateless
+  path of ``model.attention.Compressor.pool``.
 """
 
 from __future__ import annotations
@@ -72,3 +75,45 @@ def mhc_collapse(x_TND: Tensor, fn: Tensor, base: Tensor, scale: Tensor, iters: 
     kernels (differentiable in x, fn, base, scale)."""
     post, comb, out, _, _ = mhc(x_TND, fn, base, scale, iters, hc_eps, norm_eps)
     return post, comb, out
+
+
+@custom_op("tide::compressor_pool", mutates_args=())
+def compressor_pool(kv: Tensor, gate: Tensor, bias: Tensor, rate: int, overlap: bool,
+                    prev_ok: Tensor | None) -> Tensor:
+    from .compressor import pool_forward
+
+    return pool_forward(kv, gate, bias, rate, overlap, prev_ok)
+
+
+@compressor_pool.register_fake
+def _compressor_pool_fake(kv, gate, bias, rate, overlap, prev_ok):
+    B, L, C = kv.shape
+    return kv.new_empty(B, L // rate, C // 2 if overlap else C, dtype=torch.float32)
+
+
+@custom_op("tide::compressor_pool_backward", mutates_args=())
+def compressor_pool_backward(kv: Tensor, gate: Tensor, bias: Tensor, dout: Tensor, rate: int, overlap: bool,
+                             prev_ok: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    from .compressor import pool_backward
+
+    return pool_backward(kv, gate, bias, dout, rate, overlap, prev_ok)
+
+
+@compressor_pool_backward.register_fake
+def _compressor_pool_backward_fake(kv, gate, bias, dout, rate, overlap, prev_ok):
+    return torch.empty_like(kv), torch.empty_like(gate), bias.new_empty(bias.shape, dtype=torch.float32)
+
+
+def _pool_setup(ctx, inputs, output):
+    kv, gate, bias, rate, overlap, prev_ok = inputs
+    ctx.save_for_backward(kv, gate, bias, prev_ok)
+    ctx.rate, ctx.overlap = rate, overlap
+
+
+def _pool_backward(ctx, dout):
+    kv, gate, bias, prev_ok = ctx.saved_tensors
+    dkv, dgate, dbias = compressor_pool_backward(kv, gate, bias, dout, ctx.rate, ctx.overlap, prev_ok)
+    return dkv, dgate, dbias.to(bias.dtype), None, None, None
+
+
+compressor_pool.register_autograd(_pool_backward, setup_context=_pool_setup)

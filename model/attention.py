@@ -24,8 +24,9 @@ C compressor channels (2D for CSA's two series, D for HCA), I indexer heads.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+import kernels
 
 from .config import CSA, HCA, SWA, ModelArgs
 from .layers import RMSNorm, rms_norm_noweight
@@ -92,6 +93,16 @@ class Compressor(nn.Module):
         n = usable // self.rate
         if n == 0:
             return kv.new_zeros(B, 0, self.dim)
+        if state is None and kernels.use_kernels(kv):  # fused pooling (kernels/compressor.py)
+            from kernels.ops import compressor_pool
+
+            prev_ok = None
+            if self.overlap and doc_ids_BS is not None:
+                starts = doc_ids_BS[:, : n * self.rate: self.rate]
+                prev_ok = torch.ones_like(starts, dtype=torch.bool)
+                prev_ok[:, 1:] = starts[:, 1:] == starts[:, :-1]
+            pooled = compressor_pool(kv, gate, self.position_bias, self.rate, self.overlap, prev_ok).to(kv.dtype)
+            return self._finish(pooled, rotary, start_entry)
         kv = kv[:, :usable].view(B, n, self.rate, -1)
         gate = gate[:, :usable].view(B, n, self.rate, -1) + self.position_bias
         if self.overlap:
@@ -115,8 +126,12 @@ class Compressor(nn.Module):
             kv = torch.cat([prev_kv, cur_kv], dim=2)
             gate = torch.cat([prev_gate, cur_gate], dim=2)
         pooled = (kv * gate.softmax(dim=2, dtype=torch.float32).to(kv.dtype)).sum(dim=2)
-        entries = self.kv_norm(pooled)
-        positions = (torch.arange(n, device=kv.device) + start_entry) * self.rate
+        return self._finish(pooled, rotary, start_entry)
+
+    def _finish(self, pooled_BnD: torch.Tensor, rotary: Rotary, start_entry: int) -> torch.Tensor:
+        """RMSNorm, then RoPE (compress theta) at each entry's first position ``(start_entry + i) * M``."""
+        entries = self.kv_norm(pooled_BnD)
+        positions = (torch.arange(pooled_BnD.shape[1], device=pooled_BnD.device) + start_entry) * self.rate
         cos, sin = rotary.cos_sin(positions, "compress")
         return apply_rope(entries, cos, sin)
 

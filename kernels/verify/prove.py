@@ -82,6 +82,8 @@ class Access:
     mask: Sym | None = None
     inverse: Callable | None = None
     lanes: tuple[str, ...] | None = None  # the lane variables this access runs over (None: all)
+    tensor: str | None = None  # stores into the same tensor from several accesses: its name (default: name)
+    region: Callable | None = None  # the part of the tensor this store must cover: region(*index) -> Sym bool
 
 
 @dataclass
@@ -159,7 +161,10 @@ def prove(model: Model, timeout_ms: int = 60_000) -> list[Result]:
         ok, cex = _solve(constraints, {**names, **(extra_names or {})}, timeout_ms)
         out.append(Result(model.name, f"{acc.kind} {acc.name}", check, ok, time.perf_counter() - t0, cex))
 
+    stores: dict[str, list[Access]] = {}
     for acc in accesses:
+        if acc.kind == "store":
+            stores.setdefault(acc.tensor or acc.name, []).append(acc)
         mask = [_t(acc.mask)] if acc.mask is not None else []
         inside = z3.And(*[z3.And(_t(i) >= 0, _t(i) < _t(n)) for i, n in zip(acc.index, acc.shape, strict=True)])
         run(acc, "index in bounds", base + lane_c + mask + [z3.Not(inside)])
@@ -196,6 +201,8 @@ def prove(model: Model, timeout_ms: int = 60_000) -> list[Result]:
             continue
         e = [z3.Int(f"e{d}") for d in range(len(acc.index))]
         e_in = [z3.And(x >= 0, x < _t(n)) for x, n in zip(e, acc.shape, strict=True)]
+        if acc.region is not None:
+            e_in.append(_t(acc.region(*[Sym(x) for x in e])))
         inv = {k: _t(v) for k, v in acc.inverse(*[Sym(x) for x in e]).items()}
         missing = sorted(set(v.name for v in own) - set(inv))
         if missing:
@@ -205,4 +212,28 @@ def prove(model: Model, timeout_ms: int = 60_000) -> list[Result]:
                         *[z3.substitute(m, *at) for m in mask],
                         *[z3.substitute(_t(i), *at) == x for i, x in zip(acc.index, e, strict=True)])
         run(acc, "every element written", base + e_in + [z3.Not(writes)], {f"e{d}": x for d, x in enumerate(e)})
+    for tensor, accs in stores.items():  # several stores into one tensor: their regions partition it
+        if len(accs) < 2:
+            continue
+        e = [z3.Int(f"e{d}") for d in range(len(accs[0].index))]
+        e_in = [z3.And(x >= 0, x < _t(n)) for x, n in zip(e, accs[0].shape, strict=True)]
+        regions = [_t(a.region(*[Sym(x) for x in e])) if a.region else z3.BoolVal(True) for a in accs]
+        t0 = time.perf_counter()
+        ok, cex = _solve(base + e_in + [z3.Not(z3.Or(*regions))], {**names, **{f"e{d}": x for d, x in enumerate(e)}},
+                         timeout_ms)
+        out.append(Result(model.name, f"stores into {tensor}", "regions cover the tensor", ok,
+                          time.perf_counter() - t0, cex))
+        for x in range(len(accs)):
+            for y in range(x + 1, len(accs)):
+                a, b = accs[x], accs[y]
+                twin = {v.name: z3.Int(v.name + "'") for v in lanes}
+                sub = [(v.z, twin[v.name]) for v in lanes]
+                cond = base + lane_c + [v.constraint(twin[v.name]) for v in lanes]
+                cond += [_t(a.mask)] if a.mask is not None else []
+                cond += [z3.substitute(_t(b.mask), *sub)] if b.mask is not None else []
+                cond += [_t(i) == z3.substitute(_t(k), *sub) for i, k in zip(a.index, b.index, strict=True)]
+                t0 = time.perf_counter()
+                ok, cex = _solve(cond, {**names, **{k + "'": v for k, v in twin.items()}}, timeout_ms)
+                out.append(Result(model.name, f"stores into {tensor}", f"{a.name} and {b.name} disjoint", ok,
+                                  time.perf_counter() - t0, cex))
     return out

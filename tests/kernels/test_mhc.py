@@ -79,6 +79,8 @@ def test_model_logits_with_kernels_swapped_in():
     ids = torch.randint(0, args.vocab_size, (2, 12))
     with torch.no_grad():
         want = model(ids)
-        with kernels.forced(True):
+        with kernels.forced(True), torch.profiler.profile() as prof:
             got = model(ids)
+    ran = {e.name for e in prof.events()}
+    assert {"tide::mhc", "tide::compressor_pool"} <= ran  # the kernels really replaced the references
     torch.testing.assert_close(got, want, **TOL)

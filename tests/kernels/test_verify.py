@@ -9,7 +9,8 @@ import textwrap
 import pytest
 import triton.language as tl
 
-from kernels import mhc
+from kernels import compressor, mhc
+from kernels.verify import compressor as vc
 from kernels.verify import mhc as vm
 from kernels.verify import verify
 from kernels.verify.prove import prove
@@ -25,14 +26,14 @@ def test_every_kernel_launch_is_proved():
             "offset is the row-major offset of the index"} <= checks
 
 
-def _mutated(name: str, old: str, new: str) -> dict:
+def _mutated(name: str, old: str, new: str, module=mhc, verify_module=vm) -> dict:
     """The kernels' index helpers with ``old`` replaced by ``new`` in a copy of ``name``'s source."""
-    src = textwrap.dedent(inspect.getsource(getattr(mhc, name).fn))
+    src = textwrap.dedent(inspect.getsource(getattr(module, name).fn))
     src = "\n".join(line for line in src.splitlines() if not line.startswith("@"))
     assert old in src
     ns = {"tl": tl}
     exec(src.replace(old, new), ns)  # noqa: S102 - our own source, one token changed
-    return {**vm.default_helpers(), name: ns[name]}
+    return {**verify_module.default_helpers(), name: ns[name]}
 
 
 @pytest.mark.parametrize("name,old,new,check", [
@@ -47,6 +48,18 @@ def test_a_planted_bug_fails_with_a_counterexample(name, old, new, check):
     cex = next(r for r in bad if check in r.check).counterexample
     assert {"T", "D"} <= set(cex)  # the shape that breaks it
     assert 1 <= cex["T"] <= vm.T_MAX and 1 <= cex["D"] <= vm.D_MAX
+
+
+def test_a_planted_bug_in_the_compressor_is_caught_where_it_bites():
+    """``row <= L`` instead of ``row < L`` lets the backward's tail block touch the row past the end; the
+    forward only reads complete blocks (entries < L // M), so there the same change is harmless -- and
+    the proof says so: it is exact, not an over-approximation."""
+    helpers = _mutated("block_tile", "(row[:, None] < L)", "(row[:, None] <= L)", compressor, vc)
+    bad = [r for r in prove(vc.backward_model(True, 4, 32, helpers)) if not r.ok]
+    assert any(r.check == "index in bounds" for r in bad), [str(r) for r in bad]
+    cex = next(r for r in bad if r.check == "index in bounds").counterexample
+    assert cex["L"] % 4 != 0  # a partial last block
+    assert all(r.ok for r in prove(vc.forward_model(True, 4, 32, helpers)))
 
 
 def test_a_planted_double_write_is_caught():
