@@ -343,6 +343,12 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     from deploy.loader import model_args_of
 
     topology = None
+    if ns.max_batch < 1:
+        raise CLIError(f"--max-batch must be >= 1, got {ns.max_batch}")
+    if ns.threads is not None and ns.threads < 1:
+        raise CLIError(f"--threads must be >= 1, got {ns.threads}")
+    if not 0 < ns.port < 65536:
+        raise CLIError(f"--port must be in 1..65535, got {ns.port}")
     try:
         args = model_args_of(ns.path)  # fail fast on a bad path, before Ray starts (the replica loads the weights)
         if ns.topology:

@@ -116,6 +116,10 @@ def build(args: dict) -> serve.Application:
     dep = OpenAIServer
     if topology is not None:
         dep = OpenAIServer.options(**placement_options(topology, margs.num_hidden_layers, margs.n_routed_experts))
+    for key in ("max_batch", "torch_threads"):
+        v = args.get(key)
+        if v is not None and (not str(v).isdigit() or int(v) < 1):
+            raise ValueError(f"deploy.serve:build: {key} must be an integer >= 1, got {v!r}")
     threads = args.get("torch_threads")
     return dep.bind(args["path"], args.get("model_name"), args.get("api_key_env", "TIDE_API_KEY"), topology,
                     int(args.get("max_batch", 32)), int(threads) if threads else None)

@@ -8,6 +8,10 @@ autograd through the backward kernels (issue 6).
 - ``tide::compressor_pool(kv [B,L,C], gate [B,L,C], bias [M,C], rate, overlap, prev_ok [B,n] | None)
   -> pooled [B, L // rate, D]`` float32 and ``tide::compressor_pool_backward``: the stateless
   path of ``model.attention.Compressor.pool``.
+- ``tide::indexer_topk(q, w, keys, q_pos, rate, topk, entry_doc | None, query_doc | None)
+  -> (idx [B,Q,K] int64, valid [B,Q,K] bool, scores [B,Q,T] float32)``: the Lightning
+  Indexer's scores and top-k selection (no gradient: the selection is discrete; the
+  indexer's KL training uses the reference scores).
 """
 
 from __future__ import annotations
@@ -117,3 +121,20 @@ def _pool_backward(ctx, dout):
 
 
 compressor_pool.register_autograd(_pool_backward, setup_context=_pool_setup)
+
+
+@custom_op("tide::indexer_topk", mutates_args=())
+def indexer_topk(q: Tensor, w: Tensor, keys: Tensor, q_pos: Tensor, rate: int, topk: int, entry_doc: Tensor | None,
+                 query_doc: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    from .indexer import indexer_topk as run
+
+    return run(q, w, keys, q_pos, rate, topk, entry_doc, query_doc)
+
+
+@indexer_topk.register_fake
+def _indexer_topk_fake(q, w, keys, q_pos, rate, topk, entry_doc, query_doc):
+    B, Q = q.shape[:2]
+    T = keys.shape[1]
+    K = min(topk, T)
+    return (q.new_empty(B, Q, K, dtype=torch.int64), q.new_empty(B, Q, K, dtype=torch.bool),
+            q.new_empty(B, Q, T, dtype=torch.float32))

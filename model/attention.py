@@ -443,11 +443,20 @@ class Attention(nn.Module):
                     same_doc = entry_doc.unsqueeze(1) == qdoc.unsqueeze(2)  # [B,Q,T]
             ctx = None
             scores = None
-            if sel is not None:
-                scores = self.compressor.indexer.scores(iq[:, c0:c1], iw[:, c0:c1], sel)
+            picked = None
+            ix = self.compressor.indexer if self.layer_type == CSA else None
+            if sel is not None and not self.dense_csa and not self.indexer_kl and kernels.use_kernels(q):
+                from kernels.ops import indexer_topk  # fused scores + masking + top-k (kernels/indexer.py)
+
+                qdoc = doc_ids_BS[:, c0:c1] if entry_doc is not None else None
+                idx, valid, scores = indexer_topk(iq[:, c0:c1], iw[:, c0:c1], sel, qp, ix.rate, ix.topk,
+                                                  entry_doc, qdoc)
+                picked = (idx, valid)
+            elif sel is not None:
+                scores = ix.scores(iq[:, c0:c1], iw[:, c0:c1], sel)
             if comp is not None:
                 if self.layer_type == CSA and not self.dense_csa:
-                    idx, valid = self.compressor.indexer.select(scores, qp, same_doc)
+                    idx, valid = picked if picked is not None else ix.select(scores, qp, same_doc)
                     ctx = ("sparse", comp, idx, valid)
                 else:
                     limit = (qp + 1) // self.rate

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 def models(quick: bool = False) -> list:
     """Every kernel model (imports triton for the kernels' index helpers, and z3)."""
-    from . import compressor, mhc
+    from . import compressor, indexer, mhc
 
-    return mhc.models(quick=quick) + compressor.models(quick=quick)
+    return mhc.models(quick=quick) + compressor.models(quick=quick) + indexer.models(quick=quick)
 
 
 def verify(quick: bool = False, progress=None) -> list:

@@ -41,6 +41,7 @@ class Var:
     lo: object
     hi: object
     step: int = 1
+    per: tuple[str, ...] = ()  # a data-dependent value fixed per program: equal when these lanes are
     z: z3.ArithRef = field(init=False)
 
     def __post_init__(self):
@@ -229,6 +230,9 @@ def prove(model: Model, timeout_ms: int = 60_000) -> list[Result]:
                 twin = {v.name: z3.Int(v.name + "'") for v in lanes}
                 sub = [(v.z, twin[v.name]) for v in lanes]
                 cond = base + lane_c + [v.constraint(twin[v.name]) for v in lanes]
+                by = {v.name: v for v in lanes}
+                cond += [z3.Implies(z3.And(*[by[q].z == twin[q] for q in v.per]), v.z == twin[v.name])
+                         for v in lanes if v.per]
                 cond += [_t(a.mask)] if a.mask is not None else []
                 cond += [z3.substitute(_t(b.mask), *sub)] if b.mask is not None else []
                 cond += [_t(i) == z3.substitute(_t(k), *sub) for i, k in zip(a.index, b.index, strict=True)]

@@ -9,8 +9,9 @@ import textwrap
 import pytest
 import triton.language as tl
 
-from kernels import compressor, mhc
+from kernels import compressor, indexer, mhc
 from kernels.verify import compressor as vc
+from kernels.verify import indexer as vi
 from kernels.verify import mhc as vm
 from kernels.verify import verify
 from kernels.verify.prove import prove
@@ -60,6 +61,13 @@ def test_a_planted_bug_in_the_compressor_is_caught_where_it_bites():
     cex = next(r for r in bad if r.check == "index in bounds").counterexample
     assert cex["L"] % 4 != 0  # a partial last block
     assert all(r.ok for r in prove(vc.forward_model(True, 4, 32, helpers)))
+
+
+def test_a_planted_bug_in_the_indexer_is_caught():
+    """Dropping the entry mask of the key tile reads keys past the last entry."""
+    helpers = _mutated("key_tile", "s_ok[:, None] & dd_ok[None, :]", "dd_ok[None, :]", indexer, vi)
+    bad = [r for r in prove(vi.model(16, 16, 16, 128, helpers)) if not r.ok]
+    assert any(r.check == "index in bounds" and "keys" in r.access for r in bad), [str(r) for r in bad]
 
 
 def test_a_planted_double_write_is_caught():
