@@ -12,6 +12,9 @@ autograd through the backward kernels (issue 6).
   -> (idx [B,Q,K] int64, valid [B,Q,K] bool, scores [B,Q,T] float32)``: the Lightning
   Indexer's scores and top-k selection (no gradient: the selection is discrete; the
   indexer's KL training uses the reference scores).
+- ``tide::sparse_attention(q, kv, sinks, window, q_start, comp | None, idx | None, valid | None,
+  rate, doc_ids | None, entry_doc | None) -> (out [B,Q,H,D], lse [B,Q,H])``: window + compressed
+  entries + sink in one online softmax; forward only (the model uses it without autograd).
 """
 
 from __future__ import annotations
@@ -138,3 +141,19 @@ def _indexer_topk_fake(q, w, keys, q_pos, rate, topk, entry_doc, query_doc):
     K = min(topk, T)
     return (q.new_empty(B, Q, K, dtype=torch.int64), q.new_empty(B, Q, K, dtype=torch.bool),
             q.new_empty(B, Q, T, dtype=torch.float32))
+
+
+@custom_op("tide::sparse_attention", mutates_args=())
+def sparse_attention(q: Tensor, kv: Tensor, sinks: Tensor, window: int, q_start: int, comp: Tensor | None,
+                     idx: Tensor | None, valid: Tensor | None, rate: int, doc_ids: Tensor | None,
+                     entry_doc: Tensor | None) -> tuple[Tensor, Tensor]:
+    from .sparse_attention import sparse_attention as run
+
+    return run(q, kv, sinks, window, q_start=q_start, comp=comp, idx=idx, valid=valid, rate=rate, doc_ids=doc_ids,
+               entry_doc=entry_doc)
+
+
+@sparse_attention.register_fake
+def _sparse_attention_fake(q, kv, sinks, window, q_start, comp, idx, valid, rate, doc_ids, entry_doc):
+    B, Q, H, _ = q.shape
+    return torch.empty_like(q), q.new_empty(B, Q, H, dtype=torch.float32)

@@ -465,6 +465,15 @@ class Attention(nn.Module):
                     if same_doc is not None:
                         vis = vis & same_doc[..., :T]
                     ctx = ("dense", comp[:, :T], vis)
+            if (state is None and not self.indexer_kl and kernels.use_kernels(q)
+                    and not (torch.is_grad_enabled() and q.requires_grad)):  # forward-only fused kernel
+                from kernels.ops import sparse_attention
+
+                sparse = ctx is not None and ctx[0] == "sparse"
+                out[:, c0:c1] = sparse_attention(
+                    q[:, c0:c1], kv, self.sinks, self.window, c0, comp, ctx[2] if sparse else None,
+                    ctx[3] if sparse else None, self.rate, doc_ids_BS, entry_doc)[0]
+                continue
             o, p_comp = self._attend(q[:, c0:c1], keys, win_mask, ctx)
             out[:, c0:c1] = o
             if self.indexer_kl and scores is not None and ctx is not None:

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 def models(quick: bool = False) -> list:
     """Every kernel model (imports triton for the kernels' index helpers, and z3)."""
-    from . import compressor, indexer, mhc
+    from . import compressor, indexer, mhc, sparse_attention
 
-    return mhc.models(quick=quick) + compressor.models(quick=quick) + indexer.models(quick=quick)
+    return (mhc.models(quick=quick) + compressor.models(quick=quick) + indexer.models(quick=quick)
+            + sparse_attention.models(quick=quick))
 
 
 def verify(quick: bool = False, progress=None) -> list:

@@ -9,10 +9,11 @@ import textwrap
 import pytest
 import triton.language as tl
 
-from kernels import compressor, indexer, mhc
+from kernels import compressor, indexer, mhc, sparse_attention
 from kernels.verify import compressor as vc
 from kernels.verify import indexer as vi
 from kernels.verify import mhc as vm
+from kernels.verify import sparse_attention as vs
 from kernels.verify import verify
 from kernels.verify.prove import prove
 
@@ -68,6 +69,14 @@ def test_a_planted_bug_in_the_indexer_is_caught():
     helpers = _mutated("key_tile", "s_ok[:, None] & dd_ok[None, :]", "dd_ok[None, :]", indexer, vi)
     bad = [r for r in prove(vi.model(16, 16, 16, 128, helpers)) if not r.ok]
     assert any(r.check == "index in bounds" and "keys" in r.access for r in bad), [str(r) for r in bad]
+
+
+def test_a_planted_overflow_in_sparse_attention_is_caught():
+    """Without the int64 widening, a 2^17-query chunk of 64 heads x 512 dims overflows int32 offsets."""
+    helpers = _mutated("head_rows", "b.to(tl.int64) * S", "b * S", sparse_attention, vs)
+    bad = [r for r in prove(vs.model(64, 512, 128, 1, helpers=helpers)) if not r.ok]
+    assert any("int32" in r.check for r in bad), [str(r) for r in bad]
+    assert all(r.ok for r in prove(vs.model(64, 512, 128, 1)))
 
 
 def test_a_planted_double_write_is_caught():
