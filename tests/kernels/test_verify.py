@@ -103,3 +103,16 @@ def test_tide_verify_prints_a_table():
                          timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "proved" in out.stdout and "mhc_fwd_kernel" in out.stdout and "obligations proved" in out.stdout
+
+
+def test_kernel_benchmark_smoke():
+    """bench/bench_kernels.py (the prepared GPU check) runs end to end on tiny shapes under the interpreter."""
+    import json
+    import os
+
+    out = subprocess.run([sys.executable, "bench/bench_kernels.py", "--smoke", "--only", "mhc,compressor,indexer"],
+                         capture_output=True, text=True, timeout=600, env=dict(os.environ, TRITON_INTERPRET="1"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    d = json.loads(out.stdout.splitlines()[-1])
+    assert d["mhc"]["max_abs_err"] < 1e-4 and d["indexer"]["topk_equal"] is True
+    assert d["compressor"]["csa"]["max_abs_err"] < 1e-4 and d["compressor"]["hca"]["max_abs_err"] < 1e-4
