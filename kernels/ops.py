@@ -14,7 +14,8 @@ autograd through the backward kernels (issue 6).
   indexer's KL training uses the reference scores).
 - ``tide::sparse_attention(q, kv, sinks, window, q_start, comp | None, idx | None, valid | None,
   rate, doc_ids | None, entry_doc | None) -> (out [B,Q,H,D], lse [B,Q,H])``: window + compressed
-  entries + sink in one online softmax; forward only (the model uses it without autograd).
+  entries + sink in one online softmax; differentiable in q, kv, comp and sinks through
+  ``tide::sparse_attention_backward`` (deterministic: query-, key- and entry-major kernels).
 """
 
 from __future__ import annotations
@@ -157,3 +158,41 @@ def sparse_attention(q: Tensor, kv: Tensor, sinks: Tensor, window: int, q_start:
 def _sparse_attention_fake(q, kv, sinks, window, q_start, comp, idx, valid, rate, doc_ids, entry_doc):
     B, Q, H, _ = q.shape
     return torch.empty_like(q), q.new_empty(B, Q, H, dtype=torch.float32)
+
+
+@custom_op("tide::sparse_attention_backward", mutates_args=())
+def sparse_attention_backward(q: Tensor, kv: Tensor, sinks: Tensor, window: int, q_start: int, comp: Tensor | None,
+                              idx: Tensor | None, valid: Tensor | None, rate: int, doc_ids: Tensor | None,
+                              entry_doc: Tensor | None, out: Tensor, lse: Tensor,
+                              dout: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    from .sparse_attention import sparse_attention_backward as run
+
+    dq, dkv, dcomp, dsink = run(q, kv, sinks, window, q_start, comp, idx, valid, rate, doc_ids, entry_doc, out, lse,
+                                dout)
+    return dq, dkv, dcomp if dcomp is not None else kv.new_zeros(0), dsink
+
+
+@sparse_attention_backward.register_fake
+def _sparse_attention_backward_fake(q, kv, sinks, window, q_start, comp, idx, valid, rate, doc_ids, entry_doc, out,
+                                    lse, dout):
+    return (torch.empty_like(q), torch.empty_like(kv), torch.empty_like(comp) if comp is not None else kv.new_zeros(0),
+            sinks.new_empty(sinks.shape, dtype=torch.float32))
+
+
+def _sa_setup(ctx, inputs, output):
+    q, kv, sinks, window, q_start, comp, idx, valid, rate, doc_ids, entry_doc = inputs
+    out, lse = output
+    ctx.save_for_backward(q, kv, sinks, comp, idx, valid, doc_ids, entry_doc, out, lse)
+    ctx.window, ctx.q_start, ctx.rate = window, q_start, rate
+    ctx.mark_non_differentiable(lse)
+
+
+def _sa_backward(ctx, dout, _dlse):
+    q, kv, sinks, comp, idx, valid, doc_ids, entry_doc, out, lse = ctx.saved_tensors
+    dq, dkv, dcomp, dsink = sparse_attention_backward(q, kv, sinks, ctx.window, ctx.q_start, comp, idx, valid,
+                                                      ctx.rate, doc_ids, entry_doc, out, lse, dout)
+    return (dq, dkv, dsink.to(sinks.dtype), None, None, dcomp if comp is not None else None, None, None, None, None,
+            None)
+
+
+sparse_attention.register_autograd(_sa_backward, setup_context=_sa_setup)

@@ -465,8 +465,7 @@ class Attention(nn.Module):
                     if same_doc is not None:
                         vis = vis & same_doc[..., :T]
                     ctx = ("dense", comp[:, :T], vis)
-            if (state is None and not self.indexer_kl and kernels.use_kernels(q)
-                    and not (torch.is_grad_enabled() and q.requires_grad)):  # forward-only fused kernel
+            if state is None and not self.indexer_kl and kernels.use_kernels(q):  # fused kernel (fwd + bwd)
                 from kernels.ops import sparse_attention
 
                 sparse = ctx is not None and ctx[0] == "sparse"

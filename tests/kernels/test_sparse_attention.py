@@ -43,10 +43,83 @@ def test_attention_forward_with_the_kernel_matches_the_reference(layer_type, den
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_training_keeps_the_differentiable_reference():
+def test_training_through_the_kernel_matches_the_reference():
+    """With gradients (and without the indexer's KL, which needs the reference's probabilities) the layer
+    backpropagates through the kernel: input and parameter gradients equal the reference's."""
     att = _attention(CSA)
-    x = torch.randn(1, 9, att.q_a_proj.in_features, requires_grad=True)
+    x = torch.randn(1, 23, att.q_a_proj.in_features, generator=torch.Generator().manual_seed(2))
+
+    def run(on):
+        att.zero_grad()
+        xx = x.clone().requires_grad_(True)
+        with kernels.forced(on), torch.profiler.profile() as prof:
+            att(xx).square().sum().backward()
+        used = any(e.name == "tide::sparse_attention_backward" for e in prof.events())
+        return used, [xx.grad] + [p.grad for p in att.parameters() if p.grad is not None]
+
+    used, got = run(True)
+    _, want = run(False)
+    assert used
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    att.indexer_kl = True  # the KL needs p over the compressed entries: the reference runs
+    _, _ = run(True)
     with kernels.forced(True), torch.profiler.profile() as prof:
-        att(x).sum().backward()
+        att(x.clone().requires_grad_(True)).sum().backward()
     assert not any(e.name == "tide::sparse_attention" for e in prof.events())
-    assert x.grad is not None
+
+
+@pytest.mark.parametrize("mode", ["swa", "csa", "hca"])
+@pytest.mark.parametrize("packed", [False, True])
+def test_backward_matches_the_reference(mode, packed):
+    """dq, dkv, dcomp, dsinks of the op against autograd through Attention._attend (one query chunk)."""
+    from kernels.ops import sparse_attention
+
+    layer = {"swa": SWA, "csa": CSA, "hca": HCA}[mode]
+    att = _attention(layer)
+    g = torch.Generator().manual_seed(3)
+    B, S, H, D, K = 2, 21, 4, 64, 4
+    T = S // att.rate if mode != "swa" else 0  # the complete blocks of the sequence
+    q = torch.randn(B, S, H, D, generator=g, requires_grad=True)
+    kv = torch.randn(B, S, D, generator=g, requires_grad=True)
+    comp = torch.randn(B, T, D, generator=g, requires_grad=True) if mode != "swa" else None
+    sinks = att.sinks  # the Parameter _attend reads
+    docs = entry_doc = None
+    if packed:
+        docs = (torch.arange(S) >= 9).long().expand(B, S).contiguous()
+        entry_doc = docs[:, torch.arange(T) * att.rate] if mode != "swa" else None
+    idx = valid = None
+    if mode == "csa":
+        idx = torch.randint(0, T, (B, S, K), generator=g)
+        limit = ((torch.arange(S) + 1) // att.rate).view(1, S, 1)
+        valid = (idx < limit) & (torch.rand(B, S, K, generator=g) > 0.3)
+        if packed:
+            valid &= entry_doc.gather(1, idx.flatten(1)).view(B, S, K) == docs.unsqueeze(-1)
+        idx = torch.where(valid, idx, torch.zeros_like(idx))
+    dout = torch.randn(B, S, H, D, generator=g)
+
+    def reference():
+        pos = torch.arange(S)
+        win = (pos.view(1, -1) <= pos.view(-1, 1)) & (pos.view(1, -1) > pos.view(-1, 1) - att.window)
+        win = win.unsqueeze(0)
+        if packed:
+            win = win & (docs.unsqueeze(1) == docs.unsqueeze(2))
+        ctx = None
+        if mode == "csa":
+            ctx = ("sparse", comp, idx, valid)
+        elif mode == "hca":
+            vis = (torch.arange(T).view(1, -1) < ((pos + 1) // att.rate).view(-1, 1)).unsqueeze(0)
+            if packed:
+                vis = vis & (entry_doc.unsqueeze(1) == docs.unsqueeze(2))
+            ctx = ("dense", comp, vis)
+        return att._attend(q, kv, win, ctx)[0]
+
+    def grads(o):
+        ins = [q, kv, sinks] + ([comp] if comp is not None else [])
+        return torch.autograd.grad(o, ins, dout)
+
+    want = reference()
+    got, _ = sparse_attention(q, kv, sinks, att.window, 0, comp, idx, valid, att.rate, docs, entry_doc)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for name, a, b in zip(["dq", "dkv", "dsinks", "dcomp"], grads(got), grads(want), strict=False):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
