@@ -376,6 +376,22 @@ def cmd_serve(ns: argparse.Namespace) -> int:
         mode = f"embedded ({len(need)} simulated rack(s))"
     else:
         mode = init_ray(ns.address)
+        if topology is not None:  # a joined cluster must have the racks, or Serve would wait forever
+            from cluster.topology import build_graph, cpus_per_rack, load_topology
+
+            graph = build_graph(load_topology(topology), args.num_hidden_layers, args.n_routed_experts)
+            need = cpus_per_rack(graph, {next(a.rack for a in graph.actors if a.stage == 0): REPLICA_CPUS})
+            have: dict[str, float] = {}
+            for node in ray.nodes():
+                if node.get("Alive"):
+                    r = (node.get("Labels") or {}).get("rack")
+                    have[r] = have.get(r, 0) + node.get("Resources", {}).get("CPU", 0)
+            short = {r: c for r, c in need.items() if have.get(r, 0) < c}
+            if short:
+                ray.shutdown()
+                raise CLIError(f"the Ray cluster cannot place the topology: it needs CPUs per rack {need}, the "
+                               f"nodes labelled rack=... offer {({r: c for r, c in have.items() if r})} "
+                               f"(label nodes with `ray start --labels rack=<name>`)")
     try:
         serve.start(http_options={"host": ns.host, "port": ns.port})
         serve.run(build({"path": str(Path(ns.path).resolve()), "model_name": ns.model_name,
@@ -545,8 +561,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "model in PATH: a run directory (its latest checkpoint), a training checkpoint or an HF-format "
                     "directory, each with its tokenizer.json (and tokenizer_config.json's chat template). Requests "
                     "are batched continuously. With --topology the model runs on stage actors placed on racks "
-                    "(the replica's placement group, bundle label selectors); without a cluster to join, the "
-                    "racks are simulated by local labelled raylets.")
+                    "(the replica's placement group, bundle label selectors): on the cluster given by --address or "
+                    "RAY_ADDRESS (nodes labelled rack=...), else on racks simulated by local labelled raylets.")
     sv.add_argument("path", help="runs/<name>, runs/<name>/checkpoints/step-N, or an HF model directory")
     sv.add_argument("--host", default="127.0.0.1", help="bind address; default: %(default)s (local only)")
     sv.add_argument("--port", type=int, default=8000, help="default: %(default)s")
