@@ -269,8 +269,8 @@ def cmd_demo(ns: argparse.Namespace) -> int:
 def cmd_train(ns: argparse.Namespace) -> int:
     from cluster import train
 
-    argv = [ns.config] + [a for k, v in (("--name", ns.name), ("--storage-path", ns.storage_path),
-                                          ("--address", ns.address), ("--chat", ns.chat)) if v for a in (k, v)]
+    given = (("--name", ns.name), ("--storage-path", ns.storage_path), ("--address", ns.address), ("--chat", ns.chat))
+    argv = [ns.config] + [a for k, v in given if v is not None for a in (k, v)]
     return train.main(argv + (["--then-serve"] if ns.then_serve else []))
 
 
@@ -340,7 +340,9 @@ def cmd_plan(ns: argparse.Namespace) -> int:
 
 def cmd_serve(ns: argparse.Namespace) -> int:
     """``tide serve PATH``: the OpenAI-compatible endpoints under Ray Serve (blocks until Ctrl-C)."""
-    from deploy.loader import model_args_of
+    import socket
+
+    from deploy.loader import model_args_of, read_topology
 
     topology = None
     if ns.max_batch < 1:
@@ -349,55 +351,93 @@ def cmd_serve(ns: argparse.Namespace) -> int:
         raise CLIError(f"--threads must be >= 1, got {ns.threads}")
     if not 0 < ns.port < 65536:
         raise CLIError(f"--port must be in 1..65535, got {ns.port}")
+    if ns.model_name is not None and not ns.model_name.strip():
+        raise CLIError("--model-name must not be empty")
+    try:
+        with socket.socket() as sock:  # the HTTP proxy binds here: fail now, not inside Serve
+            sock.bind((ns.host, ns.port))
+    except OSError as e:
+        raise CLIError(f"cannot listen on {ns.host}:{ns.port}: {e.strerror or e} (pick another --port / --host)") \
+            from None
+    graph = None
     try:
         args = model_args_of(ns.path)  # fail fast on a bad path, before Ray starts (the replica loads the weights)
-        if ns.topology:
-            from deploy.serve import placement_options
+        from cluster.trainer import resolve_checkpoint
 
-            topology = _serving_topology(ns.topology)
-            placement_options(topology, args.num_hidden_layers, args.n_routed_experts)  # validates it
+        if not (Path(ns.path) / "config.json").is_file():
+            from cluster import checkpoint as ckpt
+
+            problems = ckpt.verify_checkpoint(resolve_checkpoint(ns.path))  # a damaged checkpoint is named here
+            if problems:
+                raise ValueError("; ".join(problems))
+        if ns.topology:
+            from cluster.topology import build_graph, load_topology
+
+            topology = read_topology(ns.topology)
+            graph = build_graph(load_topology(topology), args.num_hidden_layers, args.n_routed_experts)
+            if graph.gpus_per_actor and not (ns.address or os.environ.get("RAY_ADDRESS")):
+                import torch
+
+                if not torch.cuda.is_available():
+                    raise ValueError("the topology asks gpus_per_actor: 1 but this machine has no CUDA device "
+                                     "(simulated racks use local devices); use gpus_per_actor: 0 or --address")
     except ValueError as e:
         raise CLIError(str(e)) from None
     import ray
     from ray import serve
 
+    from cluster.topology import cpus_per_rack
     from cluster.train import init_ray
     from deploy.serve import REPLICA_CPUS, build
 
     local = None
-    if topology is not None and not (ns.address or os.environ.get("RAY_ADDRESS")):
-        # no cluster named: simulate the topology's racks on this machine, as `tide train` does
-        from cluster.local_racks import start_local_racks
-        from cluster.topology import build_graph, cpus_per_rack, load_topology
+    need = cpus_per_rack(graph, {next(a.rack for a in graph.actors if a.stage == 0): REPLICA_CPUS}) if graph else {}
+    try:
+        if topology is not None and not (ns.address or os.environ.get("RAY_ADDRESS")):
+            # no cluster named: simulate the topology's racks on this machine, as `tide train` does
+            from cluster.local_racks import start_local_racks
 
-        graph = build_graph(load_topology(topology), args.num_hidden_layers, args.n_routed_experts)
-        need = cpus_per_rack(graph, {next(a.rack for a in graph.actors if a.stage == 0): REPLICA_CPUS})
-        local = start_local_racks({r: math.ceil(c) for r, c in need.items()})
-        mode = f"embedded ({len(need)} simulated rack(s))"
-    else:
-        mode = init_ray(ns.address)
-        if topology is not None:  # a joined cluster must have the racks, or Serve would wait forever
-            from cluster.topology import build_graph, cpus_per_rack, load_topology
-
-            graph = build_graph(load_topology(topology), args.num_hidden_layers, args.n_routed_experts)
-            need = cpus_per_rack(graph, {next(a.rack for a in graph.actors if a.stage == 0): REPLICA_CPUS})
+            local = start_local_racks({r: math.ceil(c) for r, c in need.items()})
+            mode = f"embedded ({len(need)} simulated rack(s))"
+        else:
+            mode = init_ray(ns.address)
+    except ConnectionError as e:
+        raise CLIError(f"cannot connect to the Ray cluster: {e} (a token-auth cluster needs RAY_AUTH_MODE=token "
+                       f"and its token)") from None
+    try:
+        if topology is not None and local is None:  # a joined cluster must have the racks, or Serve waits forever
             have: dict[str, float] = {}
+            gpus: dict[str, float] = {}
             for node in ray.nodes():
                 if node.get("Alive"):
                     r = (node.get("Labels") or {}).get("rack")
                     have[r] = have.get(r, 0) + node.get("Resources", {}).get("CPU", 0)
+                    gpus[r] = gpus.get(r, 0) + node.get("Resources", {}).get("GPU", 0)
             short = {r: c for r, c in need.items() if have.get(r, 0) < c}
+            if graph.gpus_per_actor:
+                short.update({r: "GPUs" for r in need if gpus.get(r, 0) < sum(1 for a in graph.actors if a.rack == r)})
             if short:
-                ray.shutdown()
-                raise CLIError(f"the Ray cluster cannot place the topology: it needs CPUs per rack {need}, the "
-                               f"nodes labelled rack=... offer {({r: c for r, c in have.items() if r})} "
-                               f"(label nodes with `ray start --labels rack=<name>`)")
-    try:
+                raise CLIError(f"the Ray cluster cannot place the topology: it needs CPUs per rack {need}"
+                               f"{' and a GPU per actor' if graph.gpus_per_actor else ''}; the nodes labelled "
+                               f"rack=... offer {({r: c for r, c in have.items() if r})} CPUs (label nodes with "
+                               f"`ray start --labels rack=<name>`)")
+        try:
+            ray.get_actor("SERVE_CONTROLLER_ACTOR", namespace="serve")
+            raise CLIError("Ray Serve already runs on this cluster: tide serve would replace its applications and "
+                           "HTTP options. Use another cluster, or add tide to that Serve with `serve deploy` / "
+                           "`serve run deploy/serve.yaml`")
+        except ValueError:
+            pass  # no Serve controller: ours will be the only one
         serve.start(http_options={"host": ns.host, "port": ns.port})
-        serve.run(build({"path": str(Path(ns.path).resolve()), "model_name": ns.model_name,
-                         "api_key_env": ns.api_key_env, "topology": topology, "max_batch": ns.max_batch,
-                         "torch_threads": ns.threads}),
-                  name="tide", route_prefix="/")
+        try:
+            serve.run(build({"path": str(Path(ns.path).resolve()), "model_name": ns.model_name,
+                             "api_key_env": ns.api_key_env, "topology": topology, "max_batch": ns.max_batch,
+                             "torch_threads": ns.threads}),
+                      name="tide", route_prefix="/")
+        except RuntimeError as e:
+            last = [ln for ln in str(e).splitlines() if ln.strip()][-1:]
+            raise CLIError(f"the Serve replica failed to start: {last[0] if last else e} (the replica's log is in "
+                           f"the Ray dashboard / /tmp/ray/session_latest/logs/serve)") from None
         key = "on" if os.environ.get(ns.api_key_env) else f"off (set {ns.api_key_env} to require one)"
         where = "in the replica" if topology is None else "on stage actors"
         print(f"tide: serving {ns.path} {where} on http://{ns.host}:{ns.port}/v1 ({mode} Ray cluster; API key "
@@ -407,7 +447,10 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         pass
     finally:
-        serve.shutdown()
+        try:
+            serve.shutdown()
+        except Exception:  # noqa: BLE001 - best effort on the way out
+            pass
         ray.shutdown()
         if local is not None:
             local.shutdown()
@@ -453,19 +496,6 @@ def cmd_verify(ns: argparse.Namespace) -> int:
     console.print(f"{len(results)} launch configurations, {n - len(failed)}/{n} obligations proved in "
                   f"{time.perf_counter() - t0:.1f} s")
     return 1 if failed else 0
-
-
-def _serving_topology(path: str) -> dict:
-    """The topology mapping in ``path``: a topology YAML, or a training config's ``parallel.topology``."""
-    from .train_config import read_mapping
-
-    data, where = read_mapping(path, "topology")
-    if "parallel" in data:
-        par = data["parallel"]
-        if not isinstance(par, dict) or not isinstance(par.get("topology"), dict):
-            raise ValueError(f"{where}: parallel.topology must be a mapping (racks, pipeline_stages, ...)")
-        return par["topology"]
-    return data
 
 
 def cmd_cache_bytes(ns: argparse.Namespace) -> int:

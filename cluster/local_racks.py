@@ -77,6 +77,11 @@ def start_local_racks(cpus_per_rack: dict[str, float], *, object_store_mb: int =
         ray.init(address=cluster.address, log_to_driver=True, logging_level=logging.WARNING)
     except BaseException:  # KeyboardInterrupt included: never leave raylets (and a stale address file) behind
         if cluster is not None:
-            LocalRacks(cluster, previous).shutdown()
+            try:
+                if ray.is_initialized():
+                    ray.shutdown()
+                LocalRacks(cluster, previous).shutdown()
+            except Exception:  # noqa: BLE001 - the start-up error below is the one to report
+                pass
         raise
     return LocalRacks(cluster, previous)

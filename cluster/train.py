@@ -266,6 +266,9 @@ DESCRIPTION = ("Train a DeepSeek-V4-style model with the curriculum in CONFIG un
                "runs with trace_steps, trace.json + timeline.png.")
 
 
+DEFAULT_CHAT = "Write a Python function that reverses a list."
+
+
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The options of ``tide train`` / ``python -m cluster.train`` (one definition for both)."""
     p.add_argument("config", help="training YAML, e.g. configs/debug.yaml")
@@ -276,8 +279,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="after training, serve the last checkpoint with Ray Serve on the same cluster (on the "
                         "run's actor graph for pipeline runs), ask it one chat completion through the OpenAI "
                         "client, print the answer and stop serving")
-    p.add_argument("--chat", default="Write a Python function that reverses a list.",
-                   help="the user message --then-serve asks (default: %(default)r)")
+    p.add_argument("--chat", default=None,
+                   help=f"the user message --then-serve asks (default: {DEFAULT_CHAT!r})")
     return p
 
 
@@ -291,7 +294,16 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         after = None
+        if args.chat is not None and not args.then_serve:
+            raise ValueError("--chat is the question --then-serve asks: add --then-serve")
         if args.then_serve:
+            args.chat = DEFAULT_CHAT if args.chat is None else args.chat
+            if not args.chat.strip():
+                raise ValueError("--chat must not be empty")
+            try:
+                args.chat.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError("--chat is not valid UTF-8 text") from None
             from deploy.serve import serve_and_ask
 
             def after(summary, cfg):

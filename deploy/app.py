@@ -23,6 +23,7 @@ import uuid
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .protocol import APIError, check_context, validate_request
 
@@ -33,7 +34,8 @@ DISCONNECT_POLL_S = 0.25  # how often a non-streamed request checks that its cli
 
 
 def _error(e: APIError) -> JSONResponse:
-    return JSONResponse(e.body(), status_code=e.status)
+    headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
+    return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
 
 def build_app(engine, *, api_key=None, max_body_bytes: int = MAX_BODY_BYTES, max_queue: int = MAX_QUEUE,
@@ -54,8 +56,8 @@ def build_app(engine, *, api_key=None, max_body_bytes: int = MAX_BODY_BYTES, max
         key = api_key() if callable(api_key) else api_key
         if key is None:
             return
-        got = request.headers.get("authorization", "")
-        if not hmac.compare_digest(got.encode(), f"Bearer {key}".encode()):
+        scheme, _, got = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(got.strip().encode(), key.encode()):
             raise APIError(401, "missing or invalid API key (Authorization: Bearer <key>)", type="authentication_error")
 
     async def read_json(request: Request) -> object:
@@ -67,6 +69,8 @@ def build_app(engine, *, api_key=None, max_body_bytes: int = MAX_BODY_BYTES, max
             raise APIError(413, f"request body of {len(raw)} bytes exceeds the limit of {max_body_bytes}")
         try:
             return json.loads(raw.decode("utf-8"))
+        except RecursionError:
+            raise APIError(400, "request body is nested too deeply") from None
         except UnicodeDecodeError as e:
             raise APIError(400, f"request body is not valid UTF-8: {e.reason} at byte {e.start}") from None
         except json.JSONDecodeError as e:
@@ -117,21 +121,30 @@ def build_app(engine, *, api_key=None, max_body_bytes: int = MAX_BODY_BYTES, max
 
         if req.stream:
             async def events():
+                head = {"id": rid, "object": obj + ("" if kind == "completion" else ".chunk"), "created": created,
+                        "model": engine.model_name}
+                generated = 0
                 try:
                     for i in range(req.n):
                         seeded = req.model_copy(update={"seed": None if req.seed is None else req.seed + i})
+                        if kind == "chat":  # the role comes first, as OpenAI streams it
+                            first = {"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+                            yield f"data: {json.dumps({**head, 'choices': [first]})}\n\n"
                         gen = engine.astream(ids, seeded, deadline)
                         try:
                             async for d in gen:
                                 if d.finish_reason == "timeout":
                                     yield f"data: {json.dumps(timeout_error.body())}\n\n"
                                     return
-                                chunk = {"id": rid, "object": obj + ("" if kind == "completion" else ".chunk"),
-                                         "created": created, "model": engine.model_name,
-                                         "choices": [choice_delta(i, d.text, d.finish_reason)]}
+                                generated += d.tokens
+                                chunk = {**head, "choices": [choice_delta(i, d.text, d.finish_reason)]}
                                 yield f"data: {json.dumps(chunk)}\n\n"
                         finally:
                             await gen.aclose()  # a client that went away cancels the request (state freed)
+                    if (req.stream_options or {}).get("include_usage"):
+                        usage = {"prompt_tokens": len(ids), "completion_tokens": generated,
+                                 "total_tokens": len(ids) + generated}
+                        yield f"data: {json.dumps({**head, 'choices': [], 'usage': usage})}\n\n"
                     yield "data: [DONE]\n\n"
                 finally:
                     release()
@@ -183,9 +196,19 @@ def build_app(engine, *, api_key=None, max_body_bytes: int = MAX_BODY_BYTES, max
         return {"status": "ok"}
 
     @app.get("/v1/stats")
-    def stats():
+    def stats(request: Request):
         """Engine statistics: admitted requests, live sequences and their decode-state bytes, completed."""
+        try:
+            check_key(request)
+        except APIError as e:
+            return _error(e)
         return {"admitted_requests": admitted[0], **engine.stats()}
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        """404 / 405 and other routing errors in OpenAI's error shape."""
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return _error(APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", type=kind))
 
     @app.get("/v1/models")
     def models(request: Request):

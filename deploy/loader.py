@@ -101,11 +101,32 @@ def load_engine(path: str | Path, *, model_name: str | None = None, context: int
     return Engine(backend, tok, model_name or src.name, context=context, chat_template=template, **engine_kwargs)
 
 
+def read_topology(source) -> dict:
+    """A topology mapping from ``source``: a mapping, a topology YAML, or a training config YAML whose
+    ``parallel.topology`` to use.
+
+    Raises:
+        ValueError: unreadable file, or a training config without a ``parallel`` section (named).
+    """
+    from cluster.train_config import read_mapping
+
+    data, where = read_mapping(source, "topology")
+    if "curriculum" in data or "model" in data or "parallel" in data:  # a training config
+        par = data.get("parallel")
+        if par is None:
+            raise ValueError(f"{where} is a training config without a `parallel` section (it trains in one process): "
+                             f"give a topology YAML or a config with parallel.topology, e.g. configs/pipeline.yaml")
+        if not isinstance(par, dict) or not isinstance(par.get("topology"), dict):
+            raise ValueError(f"{where}: parallel.topology must be a mapping (racks, pipeline_stages, ...)")
+        return par["topology"]
+    return data
+
+
 def serving_graph(topology, args):
     """The ``ActorGraph`` serving ``args`` on ``topology`` (dict or YAML path). Raises ValueError if invalid."""
     from cluster.topology import build_graph, load_topology
 
-    return build_graph(load_topology(topology), args.num_hidden_layers, args.n_routed_experts)
+    return build_graph(load_topology(read_topology(topology)), args.num_hidden_layers, args.n_routed_experts)
 
 
 def actor_backend(model, topology, *, placement_group=None, bundle_offset: int = 0):

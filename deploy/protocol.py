@@ -15,7 +15,16 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 MAX_N = 8  # completions per request
 MAX_STOP = 4  # stop strings per request (OpenAI's limit)
@@ -40,17 +49,49 @@ class SamplingParams(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = None
-    max_tokens: int | None = Field(default=None, description="new tokens, >= 1 (default: up to the context)")
+    max_tokens: StrictInt | None = Field(default=None, description="new tokens, >= 1 (default: up to the context)")
     temperature: float = 1.0
     top_p: float = 1.0
-    top_k: int = -1
-    n: int = 1
-    seed: int | None = None
+    top_k: StrictInt = -1
+    n: StrictInt = 1
+    seed: StrictInt | None = None
     stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[StrictInt] | None = None
     logit_bias: dict[str, float] | None = None
-    stream: bool = False
+    stream: StrictBool = False
+    stream_options: dict | None = None
     user: str | None = None
+    # accepted at their no-op values only (anything else is a 400 naming the field: never silently ignored)
+    logprobs: bool | int | None = None
+    echo: bool | None = None
+    best_of: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    tools: list | None = None
+    response_format: dict | None = None
+
+    @model_validator(mode="after")
+    def _unsupported(self):
+        noop = {"logprobs": (None, False, 0), "echo": (None, False), "best_of": (None, 1),
+                "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0), "tools": (None, [])}
+        for name, ok in noop.items():
+            if getattr(self, name) not in ok:
+                raise ValueError(f"{name} is not supported by this server (allowed: omitted or "
+                                 f"{', '.join(repr(v) for v in ok if v is not None)})")
+        if self.response_format not in (None, {"type": "text"}):
+            raise ValueError("response_format: only {\"type\": \"text\"} is supported")
+        if self.stream_options is not None:
+            extra = set(self.stream_options) - {"include_usage"}
+            if extra or not isinstance(self.stream_options.get("include_usage", False), bool):
+                raise ValueError("stream_options: only {\"include_usage\": true|false} is supported")
+        return self
+
+    @field_validator("seed")
+    @classmethod
+    def _seed(cls, v):
+        if v is not None and not -(2 ** 63) <= v < 2 ** 63:
+            raise ValueError(f"seed must fit a signed 64-bit integer, got {v}")
+        return v
 
     @field_validator("max_tokens")
     @classmethod
@@ -121,21 +162,43 @@ class CompletionRequest(SamplingParams):
 
 
 class ChatMessage(BaseModel):
+    """A chat message; ``content`` is a string or a list of ``{"type": "text", "text": ...}`` parts (joined)."""
+
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str
+    content: str | list[dict]
+
+    @field_validator("content")
+    @classmethod
+    def _content(cls, v):
+        if isinstance(v, str):
+            return v
+        texts = []
+        for part in v:
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise ValueError(f"content parts must be {{\"type\": \"text\", \"text\": ...}} (this model reads "
+                                 f"text only), got type {part.get('type')!r}")
+            texts.append(part["text"])
+        return "".join(texts)
 
 
 class ChatCompletionRequest(SamplingParams):
     """``POST /v1/chat/completions``: a non-empty list of messages."""
 
     messages: list[ChatMessage]
+    max_completion_tokens: StrictInt | None = None  # the newer name of max_tokens
 
     @model_validator(mode="after")
     def _messages(self):
         if not self.messages:
             raise ValueError("messages must be a non-empty list")
+        if self.max_completion_tokens is not None:
+            if self.max_tokens is not None and self.max_tokens != self.max_completion_tokens:
+                raise ValueError("give max_tokens or max_completion_tokens, not two different values")
+            if self.max_completion_tokens <= 0:
+                raise ValueError(f"max_completion_tokens must be >= 1, got {self.max_completion_tokens}")
+            self.max_tokens = self.max_completion_tokens
         return self
 
 

@@ -113,6 +113,10 @@ def build(args: dict) -> serve.Application:
 
     margs = model_args_of(args["path"])  # a bad path fails here, not in the replica
     topology = args.get("topology")
+    if topology is not None:
+        from .loader import read_topology
+
+        topology = read_topology(topology)  # a topology YAML or a training config's parallel.topology
     dep = OpenAIServer
     if topology is not None:
         dep = OpenAIServer.options(**placement_options(topology, margs.num_hidden_layers, margs.n_routed_experts))

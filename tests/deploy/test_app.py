@@ -68,6 +68,14 @@ def test_models_and_health(client):
     (dict(json={"prompt": "x", "max_tokens": 0}), 400),
     (dict(json={"prompt": "x", "model": "gpt-4"}), 404),
     (dict(json={"prompt": "x " * 600, "max_tokens": 5}), 400),
+    (dict(json={"prompt": "x", "seed": 2 ** 70}), 400),  # beyond 64 bits
+    (dict(content=b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+          headers={"content-type": "application/json"}), 400),  # nested too deeply for the JSON parser
+    (dict(json={"prompt": "x", "stream": "yes"}), 400),  # no silent type coercion
+    (dict(json={"prompt": "x", "max_tokens": True}), 400),
+    (dict(json={"prompt": "x", "logprobs": 5}), 400),  # unsupported features are refused, not ignored
+    (dict(json={"prompt": "x", "best_of": 3}), 400),
+    (dict(json={"prompt": "x", "presence_penalty": 0.5}), 400),
 ])
 def test_bad_input_is_an_openai_error_and_the_engine_survives(client, kwargs, status):
     r = client.post("/v1/completions", **kwargs)
@@ -79,10 +87,37 @@ def test_bad_input_is_an_openai_error_and_the_engine_survives(client, kwargs, st
 
 def test_api_key_is_enforced(engine):
     c = TestClient(build_app(engine, api_key="s3cret"))
-    assert c.post("/v1/completions", json={"prompt": "x", "max_tokens": 1}).status_code == 401
+    r = c.post("/v1/completions", json={"prompt": "x", "max_tokens": 1})
+    assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
     assert c.get("/v1/models").status_code == 401
+    assert c.get("/v1/stats").status_code == 401
     ok = c.post("/v1/completions", json={"prompt": "x", "max_tokens": 1}, headers={"Authorization": "Bearer s3cret"})
     assert ok.status_code == 200
+    ok = c.post("/v1/completions", json={"prompt": "x", "max_tokens": 1}, headers={"Authorization": "bearer s3cret"})
+    assert ok.status_code == 200  # the scheme is case-insensitive
+    assert c.get("/v1/stats", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+
+
+def test_openai_fields_and_shapes(client):
+    """max_completion_tokens bounds chat; text content parts; the usage chunk; the role chunk; 404 shape."""
+    msgs = [{"role": "user", "content": [{"type": "text", "text": "he"}, {"type": "text", "text": "llo"}]}]
+    r = client.post("/v1/chat/completions", json={"messages": msgs, "max_completion_tokens": 3, "temperature": 0,
+                                                  "logit_bias": {"0": -100}})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] <= 3
+    plain = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hello"}],
+                                                      "max_tokens": 3, "temperature": 0, "logit_bias": {"0": -100}})
+    assert r.json()["choices"][0]["message"] == plain.json()["choices"][0]["message"]
+    with client.stream("POST", "/v1/chat/completions",
+                       json={"messages": msgs, "max_tokens": 2, "stream": True,
+                             "stream_options": {"include_usage": True}}) as s:
+        events = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: {")]
+    assert events[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] >= 1
+    bad = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": [{"type": "image_url"}]}]})
+    assert bad.status_code == 400
+    nf = client.get("/v1/nothing")
+    assert nf.status_code == 404 and nf.json()["error"]["type"] == "not_found_error"
 
 
 def test_overload_is_a_fast_503_with_retry_after(engine):
