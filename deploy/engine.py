@@ -14,7 +14,9 @@ prefill):
    deadline passed, freeing their decode states;
 2. admits waiting requests while fewer than ``max_batch`` sequences are live and prefills
    them in chunks, at most ``prefill_chunk`` prompt tokens per iteration in all (a long
-   prompt takes several iterations, so running sequences keep decoding in between);
+   prompt takes several iterations, so running sequences keep decoding in between): half
+   of it to the oldest waiting request, the rest shortest remaining prompt first, so a
+   short request does not wait behind a long prompt and no request starves;
 3. runs **one decode step for every running sequence as one ragged batch** (each row at
    its own position with its own state; ``Transformer.forward`` with a list of states),
    samples each row with its request's ``Sampler`` and streams the text.
@@ -305,10 +307,17 @@ class Engine:
                     self._finish(r)
                 elif r.deadline is not None and now > r.deadline:
                     self._finish(r, Delta(self._text(r)[r.sent:], "timeout", len(r.ids)))
+        # Prefill budget: half to the oldest waiting request (nothing starves), the rest shortest
+        # remaining prompt first (a short request is not stuck behind a long prompt).
         budget = self.prefill_chunk
-        while budget > 0 and self._waiting and (self._waiting[0].opened or len(self._live) < self.max_batch):
-            r = self._waiting[0]
-            n = min(budget, len(r.prompt) - r.done)
+        order = self._waiting[:1] + sorted(self._waiting[1:], key=lambda q: len(q.prompt) - q.done)
+        for k, r in enumerate(order):
+            if budget <= 0:
+                break
+            if not r.opened and len(self._live) >= self.max_batch:
+                continue
+            share = max(1, self.prefill_chunk // 2) if k == 0 and len(order) > 1 else budget
+            n = min(share, budget, len(r.prompt) - r.done)
             logits = self.backend.prefill(r.seq, r.prompt[r.done:r.done + n], not r.opened)
             if not r.opened:
                 r.opened = True
@@ -318,7 +327,7 @@ class Engine:
             budget -= n
             if r.done == len(r.prompt):
                 with self._cv:
-                    self._waiting.pop(0)
+                    self._waiting.remove(r)
                     self._running.append(r)
                 self._emit(r, logits)
         rows = [r for r in self._running if r.next_tok is not None]

@@ -109,3 +109,26 @@ def test_a_backend_failure_reaches_every_request_and_later_ones(parts):
     r = TestClient(build_app(engine)).get("/health")  # Serve's health check and load balancers see it
     assert r.status_code == 503 and "device lost" in r.json()["error"]["message"]
     engine.close()
+
+
+def test_a_short_request_does_not_wait_behind_a_long_prompt(parts):
+    model, tok = parts
+    engine = LocalEngine(model, tok, "m", prefill_chunk=16)  # the long prompt needs 25 iterations of prefill
+    try:
+        order = []
+
+        def run(name, ids, n):
+            list(engine.stream(ids, _req(engine, max_tokens=n, logit_bias={str(engine.eos_id): -100})))
+            order.append(name)
+
+        long = threading.Thread(target=run, args=("long", [7] * 400, 2))
+        long.start()
+        while engine.stats()["live_sequences"] == 0:  # the long prompt's prefill has begun
+            pass
+        short = threading.Thread(target=run, args=("short", [5, 9, 11], 2))
+        short.start()
+        long.join(120)
+        short.join(120)
+        assert order == ["short", "long"]
+    finally:
+        engine.close()
