@@ -19,6 +19,7 @@ import functools
 import os
 
 _forced: list[bool] = []
+_failed: dict[str, str] = {}  # kernel name -> the error that disabled it in this process
 
 
 @functools.cache
@@ -46,3 +47,25 @@ def forced(on: bool = True):
         yield
     finally:
         _forced.pop()
+
+
+def run(name: str, kernel, reference):
+    """``kernel()``, or ``reference()`` once ``name`` has failed in this process.
+
+    The CUDA path of a kernel that fails to compile or launch (a Triton version or GPU it
+    was never run on) is disabled with one warning naming the error, and the torch
+    reference runs from then on, so a run does not die on the fast path. Inside
+    ``forced()`` (tests) errors propagate.
+    """
+    if name not in _failed:
+        try:
+            return kernel()
+        except Exception as e:  # noqa: BLE001 - any compile / launch failure falls back, once, loudly
+            if _forced:
+                raise
+            import warnings
+
+            _failed[name] = f"{type(e).__name__}: {e}"
+            warnings.warn(f"tide: the Triton kernel {name!r} failed ({_failed[name][:300]}); using the torch "
+                          f"reference from now on (TIDE_KERNELS=0 silences this)", RuntimeWarning, stacklevel=2)
+    return reference()

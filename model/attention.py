@@ -94,15 +94,18 @@ class Compressor(nn.Module):
         if n == 0:
             return kv.new_zeros(B, 0, self.dim)
         if state is None and kernels.use_kernels(kv):  # fused pooling (kernels/compressor.py)
-            from kernels.ops import compressor_pool
+            def fused():
+                from kernels.ops import compressor_pool
 
-            prev_ok = None
-            if self.overlap and doc_ids_BS is not None:
-                starts = doc_ids_BS[:, : n * self.rate: self.rate]
-                prev_ok = torch.ones_like(starts, dtype=torch.bool)
-                prev_ok[:, 1:] = starts[:, 1:] == starts[:, :-1]
-            pooled = compressor_pool(kv, gate, self.position_bias, self.rate, self.overlap, prev_ok).to(kv.dtype)
-            return self._finish(pooled, rotary, start_entry)
+                prev_ok = None
+                if self.overlap and doc_ids_BS is not None:
+                    starts = doc_ids_BS[:, : n * self.rate: self.rate]
+                    prev_ok = torch.ones_like(starts, dtype=torch.bool)
+                    prev_ok[:, 1:] = starts[:, 1:] == starts[:, :-1]
+                return compressor_pool(kv, gate, self.position_bias, self.rate, self.overlap, prev_ok).to(kv.dtype)
+            pooled = kernels.run("compressor", fused, lambda: None)
+            if pooled is not None:
+                return self._finish(pooled, rotary, start_entry)
         kv = kv[:, :usable].view(B, n, self.rate, -1)
         gate = gate[:, :usable].view(B, n, self.rate, -1) + self.position_bias
         if self.overlap:
@@ -446,13 +449,16 @@ class Attention(nn.Module):
             picked = None
             ix = self.compressor.indexer if self.layer_type == CSA else None
             if sel is not None and not self.dense_csa and not self.indexer_kl and kernels.use_kernels(q):
-                from kernels.ops import indexer_topk  # fused scores + masking + top-k (kernels/indexer.py)
+                def fused(c0=c0, c1=c1, qp=qp, ix=ix):  # called right here: defaults just bind the names
+                    from kernels.ops import indexer_topk  # fused scores + masking + top-k (kernels/indexer.py)
 
-                qdoc = doc_ids_BS[:, c0:c1] if entry_doc is not None else None
-                idx, valid, scores = indexer_topk(iq[:, c0:c1], iw[:, c0:c1], sel, qp, ix.rate, ix.topk,
-                                                  entry_doc, qdoc)
-                picked = (idx, valid)
-            elif sel is not None:
+                    qdoc = doc_ids_BS[:, c0:c1] if entry_doc is not None else None
+                    return indexer_topk(iq[:, c0:c1], iw[:, c0:c1], sel, qp, ix.rate, ix.topk, entry_doc, qdoc)
+                res = kernels.run("indexer", fused, lambda: None)
+                if res is not None:
+                    idx, valid, scores = res
+                    picked = (idx, valid)
+            if sel is not None and picked is None:
                 scores = ix.scores(iq[:, c0:c1], iw[:, c0:c1], sel)
             if comp is not None:
                 if self.layer_type == CSA and not self.dense_csa:
@@ -466,13 +472,17 @@ class Attention(nn.Module):
                         vis = vis & same_doc[..., :T]
                     ctx = ("dense", comp[:, :T], vis)
             if state is None and not self.indexer_kl and kernels.use_kernels(q):  # fused kernel (fwd + bwd)
-                from kernels.ops import sparse_attention
+                def fused(c0=c0, c1=c1, ctx=ctx):  # called right here: defaults just bind the names
+                    from kernels.ops import sparse_attention
 
-                sparse = ctx is not None and ctx[0] == "sparse"
-                out[:, c0:c1] = sparse_attention(
-                    q[:, c0:c1], kv, self.sinks, self.window, c0, comp, ctx[2] if sparse else None,
-                    ctx[3] if sparse else None, self.rate, doc_ids_BS, entry_doc)[0]
-                continue
+                    sparse = ctx is not None and ctx[0] == "sparse"
+                    return sparse_attention(q[:, c0:c1], kv, self.sinks, self.window, c0, comp,
+                                            ctx[2] if sparse else None, ctx[3] if sparse else None, self.rate,
+                                            doc_ids_BS, entry_doc)[0]
+                o = kernels.run("sparse_attention", fused, lambda: None)
+                if o is not None:
+                    out[:, c0:c1] = o
+                    continue
             o, p_comp = self._attend(q[:, c0:c1], keys, win_mask, ctx)
             out[:, c0:c1] = o
             if self.indexer_kl and scores is not None and ctx is not None:

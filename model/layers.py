@@ -85,11 +85,15 @@ class HyperConnection(nn.Module):
     def forward(self, streams_BSND: torch.Tensor):
         B, S, N, D = streams_BSND.shape
         if self.constrained and kernels.use_kernels(streams_BSND):  # fused Triton kernels (kernels/mhc.py)
-            from kernels.ops import mhc_collapse
+            def fused():
+                from kernels.ops import mhc_collapse
 
-            post, comb, out = mhc_collapse(streams_BSND.reshape(B * S, N, D), self.fn, self.base, self.scale,
-                                           self.iters, self.hc_eps, self.norm_eps)
-            return post.view(B, S, N), comb.view(B, S, N, N), out.view(B, S, D)
+                post, comb, out = mhc_collapse(streams_BSND.reshape(B * S, N, D), self.fn, self.base, self.scale,
+                                               self.iters, self.hc_eps, self.norm_eps)
+                return post.view(B, S, N), comb.view(B, S, N, N), out.view(B, S, D)
+            res = kernels.run("mhc", fused, lambda: None)
+            if res is not None:
+                return res
         flat = rms_norm_noweight(streams_BSND.reshape(B, S, -1).float(), self.norm_eps)
         mix = F.linear(flat, self.fn.float())
         pre_w, post_w, comb_w = mix.split([N, N, N * N], dim=-1)

@@ -39,3 +39,29 @@ def test_a_compiled_function_traces_the_ops():
     kv, gate, bias = torch.randn(1, 8, 16), torch.randn(1, 8, 16), torch.randn(4, 16)
     compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(compiled(kv, gate, bias), f(kv, gate, bias))
+
+
+def test_a_failing_kernel_falls_back_to_the_reference_once(monkeypatch):
+    """Outside forced() (the CUDA path), a kernel that fails to compile/launch is disabled with one warning."""
+    import warnings
+
+    import kernels
+
+    monkeypatch.setattr(kernels, "_failed", {})
+    calls = []
+
+    def broken():
+        calls.append(1)
+        raise RuntimeError("PTX too new for this driver")
+
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        assert kernels.run("x", broken, lambda: "reference") == "reference"
+        assert kernels.run("x", broken, lambda: "reference") == "reference"
+    assert len(calls) == 1 and len(w) == 1 and "PTX too new" in str(w[0].message)
+    with kernels.forced(True):  # tests see the error
+        try:
+            kernels.run("y", broken, lambda: "reference")
+            raise AssertionError("expected the kernel's error")
+        except RuntimeError as e:
+            assert "PTX" in str(e)
