@@ -104,6 +104,16 @@ def _softmax_rows(z, valid):
 
 
 @triton.jit
+def _logits(mix, BASE, SCALE, o, N: tl.constexpr, N_P: tl.constexpr, NC: tl.constexpr):
+    """The coefficient logits ``z = mix * scale + base``: pre, post ``[BT, N_P]`` and comb ``[BT, N_P, N_P]``."""
+    base = tl.load(BASE + o, mask=o < NC, other=0.0)
+    z_pre = _pick2(mix, o, 0, N_P, N) * tl.load(SCALE) + _pick2(base[None, :], o, 0, N_P, N)
+    z_post = _pick2(mix, o, N, N_P, N) * tl.load(SCALE + 1) + _pick2(base[None, :], o, N, N_P, N)
+    z_comb = _pick3(mix, o, 2 * N, N_P, N) * tl.load(SCALE + 2) + _pick3(base[None, :], o, 2 * N, N_P, N)
+    return z_pre, z_post, z_comb
+
+
+@triton.jit
 def _sinkhorn(z_comb, valid, eps, ITERS: tl.constexpr):
     c = tl.where(valid, _softmax_rows(z_comb, valid) + eps, 0.0)
     c = _norm(c, valid, eps, 1)
@@ -138,10 +148,7 @@ def mhc_fwd_kernel(X, FN, BASE, SCALE, MIX, RSTD, POST, COMB, OUT, T, D, hc_eps,
     tl.store(MIX + mo, mix, mask=mm)
     tl.store(RSTD + rows, rstd, mask=rmask)
 
-    base = tl.load(BASE + o, mask=o < NC, other=0.0)
-    z_pre = _pick2(mix, o, 0, N_P, N) * tl.load(SCALE) + _pick2(base[None, :], o, 0, N_P, N)
-    z_post = _pick2(mix, o, N, N_P, N) * tl.load(SCALE + 1) + _pick2(base[None, :], o, N, N_P, N)
-    z_comb = _pick3(mix, o, 2 * N, N_P, N) * tl.load(SCALE + 2) + _pick3(base[None, :], o, 2 * N, N_P, N)
+    z_pre, z_post, z_comb = _logits(mix, BASE, SCALE, o, N, N_P, NC)
     j = tl.arange(0, N_P)
     jm = j < N
     valid = (jm[:, None] & jm[None, :])[None, :, :]
@@ -174,10 +181,7 @@ def mhc_bwd_kernel(X, MIX, BASE, SCALE, DPOST, DCOMB, DOUT, DZ, DXC, T, D, hc_ep
     o = tl.arange(0, NC_P)
     mo, mm = tile2(rows, rmask, NC, o, o < NC, 1)
     mix = tl.load(MIX + mo, mask=mm, other=0.0)
-    base = tl.load(BASE + o, mask=o < NC, other=0.0)
-    z_pre = _pick2(mix, o, 0, N_P, N) * tl.load(SCALE) + _pick2(base[None, :], o, 0, N_P, N)
-    z_post = _pick2(mix, o, N, N_P, N) * tl.load(SCALE + 1) + _pick2(base[None, :], o, N, N_P, N)
-    z_comb = _pick3(mix, o, 2 * N, N_P, N) * tl.load(SCALE + 2) + _pick3(base[None, :], o, 2 * N, N_P, N)
+    z_pre, z_post, z_comb = _logits(mix, BASE, SCALE, o, N, N_P, NC)
     j = tl.arange(0, N_P)
     jm = j < N
     valid = (jm[:, None] & jm[None, :])[None, :, :]
