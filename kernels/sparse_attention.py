@@ -59,6 +59,43 @@ def _update(q, keys, ok, m_i, l_i, acc, scale):
 
 
 @triton.jit
+def _window_block(KV, DOC, b, t, S, w0, window, qdoc, dd, D: tl.constexpr, HAS_DOC: tl.constexpr,
+                  BLOCK_N: tl.constexpr):
+    """Window keys ``t - window + 1 + w0 ..`` (one block): ``(keys [BLOCK_N, D_P] float32, ok [BLOCK_N])``."""
+    p = t - window + 1 + w0 + tl.arange(0, BLOCK_N)
+    ok = (p >= 0) & (p <= t) & (w0 + tl.arange(0, BLOCK_N) < window)
+    if HAS_DOC:
+        do, dm = pick_offset(b, 0, 1, S, p, ok)
+        ok = ok & (tl.load(DOC + do, mask=dm, other=-1) == qdoc)
+    ko, km = seq_tile(b, p, S, dd, D, ok, dd < D)
+    return tl.load(KV + ko, mask=km, other=0.0).to(tl.float32), ok
+
+
+@triton.jit
+def _picked_block(COMP, IDX, VALID, b, i, Q, T, K, k0, dd, D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Compressed entries picked by query row i (one block of its K picks): ``(keys, ok)``."""
+    j = k0 + tl.arange(0, BLOCK_N)
+    io, im = pick_offset(b, i, Q, K, j, j < K)
+    e = tl.load(IDX + io, mask=im, other=0)
+    ok = (tl.load(VALID + io, mask=im, other=0) != 0) & (e >= 0) & (e < T)
+    ko, km = seq_tile(b, e, T, dd, D, ok, dd < D)
+    return tl.load(COMP + ko, mask=km, other=0.0).to(tl.float32), ok
+
+
+@triton.jit
+def _visible_block(COMP, EDOC, b, T, e0, limit, qdoc, dd, D: tl.constexpr, HAS_DOC: tl.constexpr,
+                   BLOCK_N: tl.constexpr):
+    """Compressed entries ``e0 ..`` visible to a query (``e < limit``, same document): ``(keys, ok)``."""
+    e = e0 + tl.arange(0, BLOCK_N)
+    ok = e < limit
+    if HAS_DOC:
+        do, dm = pick_offset(b, 0, 1, T, e, ok)
+        ok = ok & (tl.load(EDOC + do, mask=dm, other=-1) == qdoc)
+    ko, km = seq_tile(b, e, T, dd, D, ok, dd < D)
+    return tl.load(COMP + ko, mask=km, other=0.0).to(tl.float32), ok
+
+
+@triton.jit
 def sparse_attn_fwd_kernel(Qp, KV, COMP, IDX, VALID, SINK, DOC, EDOC, OUT, LSE, Q, S, T, K, q_start, scale, window,
                            rate, H: tl.constexpr, H_P: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr,
                            MODE: tl.constexpr, HAS_DOC: tl.constexpr, BLOCK_N: tl.constexpr, W_P: tl.constexpr):
@@ -79,33 +116,16 @@ def sparse_attn_fwd_kernel(Qp, KV, COMP, IDX, VALID, SINK, DOC, EDOC, OUT, LSE, 
     l_i = tl.zeros((H_P,), tl.float32)
     acc = tl.zeros((H_P, D_P), tl.float32)
     for w0 in range(0, W_P, BLOCK_N):  # window keys t - window + 1 .. t
-        p = t - window + 1 + w0 + tl.arange(0, BLOCK_N)
-        ok = (p >= 0) & (p <= t) & (w0 + tl.arange(0, BLOCK_N) < window)
-        if HAS_DOC:
-            do, dm = pick_offset(b, 0, 1, S, p, ok)
-            ok = ok & (tl.load(DOC + do, mask=dm, other=-1) == qdoc)
-        ko, km = seq_tile(b, p, S, dd, D, ok, dd < D)
-        keys = tl.load(KV + ko, mask=km, other=0.0).to(tl.float32)
+        keys, ok = _window_block(KV, DOC, b, t, S, w0, window, qdoc, dd, D, HAS_DOC, BLOCK_N)
         m_i, l_i, acc = _update(q, keys, ok, m_i, l_i, acc, scale)
     if MODE == 1:
         for k0 in range(0, K, BLOCK_N):
-            j = k0 + tl.arange(0, BLOCK_N)
-            io, im = pick_offset(b, i, Q, K, j, j < K)
-            e = tl.load(IDX + io, mask=im, other=0)
-            ok = (tl.load(VALID + io, mask=im, other=0) != 0) & (e >= 0) & (e < T)
-            ko, km = seq_tile(b, e, T, dd, D, ok, dd < D)
-            keys = tl.load(COMP + ko, mask=km, other=0.0).to(tl.float32)
+            keys, ok = _picked_block(COMP, IDX, VALID, b, i, Q, T, K, k0, dd, D, BLOCK_N)
             m_i, l_i, acc = _update(q, keys, ok, m_i, l_i, acc, scale)
     if MODE == 2:
         limit = tl.minimum((t + 1) // rate, T)
         for e0 in range(0, T, BLOCK_N):
-            e = e0 + tl.arange(0, BLOCK_N)
-            ok = e < limit
-            if HAS_DOC:
-                do, dm = pick_offset(b, 0, 1, T, e, ok)
-                ok = ok & (tl.load(EDOC + do, mask=dm, other=-1) == qdoc)
-            ko, km = seq_tile(b, e, T, dd, D, ok, dd < D)
-            keys = tl.load(COMP + ko, mask=km, other=0.0).to(tl.float32)
+            keys, ok = _visible_block(COMP, EDOC, b, T, e0, limit, qdoc, dd, D, HAS_DOC, BLOCK_N)
             m_i, l_i, acc = _update(q, keys, ok, m_i, l_i, acc, scale)
     sink = tl.load(SINK + h, mask=h < H, other=0.0)
     m_new = tl.maximum(m_i, sink)
@@ -196,37 +216,17 @@ def sparse_attn_bwd_dq_kernel(Qp, KV, COMP, IDX, VALID, SINK, DOC, EDOC, OUT, DO
         qdoc = tl.load(DOC + pick_offset(b, 0, 1, S, t, True)[0])
     dq = tl.zeros((H_P, D_P), tl.float32)
     for w0 in range(0, W_P, BLOCK_N):
-        p = t - window + 1 + w0 + tl.arange(0, BLOCK_N)
-        ok = (p >= 0) & (p <= t) & (w0 + tl.arange(0, BLOCK_N) < window)
-        if HAS_DOC:
-            do_, dm = pick_offset(b, 0, 1, S, p, ok)
-            ok = ok & (tl.load(DOC + do_, mask=dm, other=-1) == qdoc)
-        ko, km = seq_tile(b, p, S, dd, D, ok, dd < D)
-        keys = tl.load(KV + ko, mask=km, other=0.0).to(tl.float32)
-        _, ds = _grad_terms(q, do, lse, delta, keys, ok, scale)
-        dq += tl.dot(ds, keys, input_precision="ieee")
+        keys, ok = _window_block(KV, DOC, b, t, S, w0, window, qdoc, dd, D, HAS_DOC, BLOCK_N)
+        dq += tl.dot(_grad_terms(q, do, lse, delta, keys, ok, scale)[1], keys, input_precision="ieee")
     if MODE == 1:
         for k0 in range(0, K, BLOCK_N):
-            j = k0 + tl.arange(0, BLOCK_N)
-            io, im = pick_offset(b, i, Q, K, j, j < K)
-            e = tl.load(IDX + io, mask=im, other=0)
-            ok = (tl.load(VALID + io, mask=im, other=0) != 0) & (e >= 0) & (e < T)
-            ko, km = seq_tile(b, e, T, dd, D, ok, dd < D)
-            keys = tl.load(COMP + ko, mask=km, other=0.0).to(tl.float32)
-            _, ds = _grad_terms(q, do, lse, delta, keys, ok, scale)
-            dq += tl.dot(ds, keys, input_precision="ieee")
+            keys, ok = _picked_block(COMP, IDX, VALID, b, i, Q, T, K, k0, dd, D, BLOCK_N)
+            dq += tl.dot(_grad_terms(q, do, lse, delta, keys, ok, scale)[1], keys, input_precision="ieee")
     if MODE == 2:
         limit = tl.minimum((t + 1) // rate, T)
         for e0 in range(0, T, BLOCK_N):
-            e = e0 + tl.arange(0, BLOCK_N)
-            ok = e < limit
-            if HAS_DOC:
-                do_, dm = pick_offset(b, 0, 1, T, e, ok)
-                ok = ok & (tl.load(EDOC + do_, mask=dm, other=-1) == qdoc)
-            ko, km = seq_tile(b, e, T, dd, D, ok, dd < D)
-            keys = tl.load(COMP + ko, mask=km, other=0.0).to(tl.float32)
-            _, ds = _grad_terms(q, do, lse, delta, keys, ok, scale)
-            dq += tl.dot(ds, keys, input_precision="ieee")
+            keys, ok = _visible_block(COMP, EDOC, b, T, e0, limit, qdoc, dd, D, HAS_DOC, BLOCK_N)
+            dq += tl.dot(_grad_terms(q, do, lse, delta, keys, ok, scale)[1], keys, input_precision="ieee")
     tl.store(DQ + qo, (dq * scale).to(DQ.dtype.element_ty), mask=qm)
     sink = tl.load(SINK + h, mask=h < H, other=0.0)
     tl.store(DSINK + lo, -tl.exp(sink - lse) * delta, mask=lm)
