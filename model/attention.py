@@ -471,17 +471,19 @@ class Attention(nn.Module):
                     if same_doc is not None:
                         vis = vis & same_doc[..., :T]
                     ctx = ("dense", comp[:, :T], vis)
-            if state is None and not self.indexer_kl and kernels.use_kernels(q):  # fused kernel (fwd + bwd)
+            if state is None and kernels.use_kernels(q):  # fused kernel (fwd + bwd)
                 def fused(c0=c0, c1=c1, ctx=ctx):  # called right here: defaults just bind the names
                     from kernels.ops import sparse_attention
 
                     sparse = ctx is not None and ctx[0] == "sparse"
                     return sparse_attention(q[:, c0:c1], kv, self.sinks, self.window, c0, comp,
                                             ctx[2] if sparse else None, ctx[3] if sparse else None, self.rate,
-                                            doc_ids_BS, entry_doc)[0]
-                o = kernels.run("sparse_attention", fused, lambda: None)
-                if o is not None:
-                    out[:, c0:c1] = o
+                                            doc_ids_BS, entry_doc)
+                res = kernels.run("sparse_attention", fused, lambda: None)
+                if res is not None:
+                    out[:, c0:c1] = res[0]
+                    if self.indexer_kl and scores is not None and ctx is not None:
+                        self._accumulate_kl(self._comp_probs(q[:, c0:c1], res[1], ctx), scores, ctx)
                     continue
             o, p_comp = self._attend(q[:, c0:c1], keys, win_mask, ctx)
             out[:, c0:c1] = o
@@ -494,6 +496,26 @@ class Attention(nn.Module):
             state.window[:, slots] = kv[:, S - n_keep:].to(state.window.dtype)
 
         return out
+
+    @torch.no_grad()
+    def _comp_probs(self, q_BQHD: torch.Tensor, lse_BQH: torch.Tensor, ctx) -> torch.Tensor:
+        """The joint softmax's probabilities over the compressed entries, rebuilt from its
+        log-sum-exp: ``p = exp(q . c * D^-0.5 - lse)`` (what ``_attend`` returns as ``p_comp``,
+        here for the fused kernel, which emits only ``lse [B,Q,H]`` float32). ``ctx`` as in
+        ``_attend``. Returns ``[B,Q,H,T']`` float32 (0 where masked); detached: it is only the
+        indexer KL's teacher."""
+        B, Q, H, D = q_BQHD.shape
+        qf = q_BQHD.float()
+        if ctx[0] == "sparse":
+            _, comp, idx, mask = ctx
+            offs = (torch.arange(B, device=idx.device) * comp.shape[1]).view(B, 1, 1)
+            values = comp.reshape(-1, D)[idx + offs].float()  # [B,Q,K,D]
+            logits = torch.matmul(qf, values.transpose(-1, -2))  # [B,Q,H,K]
+        else:
+            _, values, mask = ctx
+            logits = torch.matmul(qf, values.float().transpose(-1, -2).unsqueeze(1))  # [B,Q,H,T]
+        p = torch.exp(logits * D ** -0.5 - lse_BQH.float().unsqueeze(-1))
+        return p.masked_fill_(~mask.unsqueeze(2), 0.0)
 
     def _accumulate_kl(self, p_comp_BQHT: torch.Tensor, scores_BQT: torch.Tensor, ctx) -> None:
         """KL(teacher || indexer) over the compressed entries of one query chunk.

@@ -44,8 +44,7 @@ def test_attention_forward_with_the_kernel_matches_the_reference(layer_type, den
 
 
 def test_training_through_the_kernel_matches_the_reference():
-    """With gradients (and without the indexer's KL, which needs the reference's probabilities) the layer
-    backpropagates through the kernel: input and parameter gradients equal the reference's."""
+    """With gradients the layer backpropagates through the kernel: input and parameter gradients equal the reference's."""
     att = _attention(CSA)
     x = torch.randn(1, 23, att.q_a_proj.in_features, generator=torch.Generator().manual_seed(2))
 
@@ -62,11 +61,39 @@ def test_training_through_the_kernel_matches_the_reference():
     assert used
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-    att.indexer_kl = True  # the KL needs p over the compressed entries: the reference runs
-    _, _ = run(True)
-    with kernels.forced(True), torch.profiler.profile() as prof:
-        att(x.clone().requires_grad_(True)).sum().backward()
-    assert not any(e.name == "tide::sparse_attention" for e in prof.events())
+
+
+@pytest.mark.parametrize("dense", [False, True], ids=["sparse", "warmup"])
+def test_indexer_kl_through_the_kernel_matches_the_reference(dense, monkeypatch):
+    """Indexer warm-up (dense CSA) and sparse training: the kernel runs, its log-sum-exp rebuilds the
+    teacher probabilities over the compressed entries, and the KL and every gradient (the indexer's
+    come from the KL only) equal the reference's."""
+    import model.attention as attention_mod
+
+    monkeypatch.setattr(attention_mod, "QUERY_CHUNK", 16)  # several query chunks
+    att = _attention(CSA, dense)
+    att.indexer_kl = True
+    x = torch.randn(2, 37, att.q_a_proj.in_features, generator=torch.Generator().manual_seed(5))
+
+    def run(on):
+        att.zero_grad()
+        att.kl_sum, att.kl_rows = None, 0
+        xx = x.clone().requires_grad_(True)
+        with kernels.forced(on), torch.profiler.profile() as prof:
+            out = att(xx)
+            kl = att.kl_sum
+            (out.square().sum() + kl).backward()
+        used = any(e.name == "tide::sparse_attention" for e in prof.events())
+        return used, kl.detach(), att.kl_rows, {n: p.grad.clone() for n, p in att.named_parameters()
+                                                 if p.grad is not None} | {"x": xx.grad}
+
+    used, kl, rows, got = run(True)
+    _, kl_ref, rows_ref, want = run(False)
+    assert used and rows == rows_ref > 0
+    torch.testing.assert_close(kl, kl_ref, rtol=1e-5, atol=1e-6)
+    assert got.keys() == want.keys() and any("indexer" in n for n in got)
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-4, atol=1e-5, msg=n)
 
 
 @pytest.mark.parametrize("mode", ["swa", "csa", "hca"])
