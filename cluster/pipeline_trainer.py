@@ -117,6 +117,7 @@ class PipelineTrainer(Trainer):
                             title=f"{self.cfg.name}: steps {self.trace_window[0]}..{self.step}")
         s = summarize(events)
         (self.run_dir / "trace_summary.json").write_text(json.dumps(s, indent=2, default=str))
+        self.metrics.communication(s)
         self.log(f"timeline of steps {self.trace_window[0]}..{self.step}: {path} "
                  f"(open in https://ui.perfetto.dev or chrome://tracing), {png}; bubble {s['bubble']:.2f}, "
                  f"comm overlapped {s['overlap_fraction']:.0%}")

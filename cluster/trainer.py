@@ -43,6 +43,7 @@ import torch
 
 from cluster import checkpoint as ckpt
 from cluster.data import TokenLoader, prepare_data, save_tokenizer_files, sequences_per_batch
+from cluster.metrics import TrainingMetrics
 from cluster.train_config import TrainConfig, model_args_for
 from model import Transformer
 from model.moe import MoE
@@ -103,6 +104,7 @@ class Trainer:
         self.spikes: list[int] = []
         self.rollbacks = 0
         self.history: list[dict] = []
+        self.metrics = TrainingMetrics(cfg.name)  # ray.util.metrics (no-op without Ray)
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -289,6 +291,7 @@ class Trainer:
         if good is not None:
             self._load_weights(good)
         self.rollbacks += 1
+        self.metrics.inc("tide_train_rollbacks")
         self.ar_remaining = self.cfg.spike.anticipatory_steps
         return good
 
@@ -309,6 +312,7 @@ class Trainer:
         if spike:
             self._discard()
             self.spikes.append(self.step)
+            self.metrics.inc("tide_train_loss_spikes")
             good = self._rollback()
             row.update(spike=True, rolled_back_to=str(good) if good else None)
             self.log(f"loss spike at step {self.step} (ce {metrics['ce']:.3f}, EMA {self.ema}); update skipped, "
@@ -386,12 +390,14 @@ class Trainer:
                 row["step_time"] = time.perf_counter() - t0
                 row["tokens_per_s"] = row["tokens"] / row["step_time"]
                 self._write_metrics(row)
+                self.metrics.step(row)
                 self.step += 1
                 committed = None
                 due = self.step % cfg.checkpoint.every_steps == 0 or self.step == total
                 if due and self.ar_remaining == 0 and not self.ar_queue:
                     recent_spike = bool(self.spikes) and self.spikes[-1] >= self.step - cfg.checkpoint.every_steps
                     committed = self.save(good=not recent_spike)
+                    self.metrics.inc("tide_train_checkpoints")
                 if bar is not None:
                     bar.set_postfix(stage=cfg.curriculum[self.stage_index].name, loss=f"{row['ce']:.3f}",
                                     tok_s=f"{row['tokens_per_s']:.0f}", refresh=False)

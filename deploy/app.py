@@ -33,6 +33,10 @@ REQUEST_TIMEOUT_S = 300.0
 DISCONNECT_POLL_S = 0.25  # how often a non-streamed request checks that its client is still there
 
 
+# tide_serve_rejections reason of a refused request's HTTP status (cluster.metrics.REJECTION_REASONS)
+_REJECTION_OF_STATUS = {401: "unauthorized", 404: "unknown_model", 413: "too_large"}
+
+
 def _error(e: APIError) -> JSONResponse:
     headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
     return JSONResponse(e.body(), status_code=e.status, headers=headers)
@@ -51,6 +55,11 @@ def build_app(engine, *, api_key=None, max_body_bytes: int = MAX_BODY_BYTES, max
     app = FastAPI(title="tide", description="OpenAI-compatible completions served by tide")
     admitted = [0]  # requests running or waiting in the engine
     admit_lock = threading.Lock()
+    def reject(reason: str) -> None:
+        """Count a refused request (``tide_serve_rejections``) on the engine's ``ServingMetrics``."""
+        metrics = getattr(engine, "metrics", None)
+        if metrics is not None:
+            metrics.rejected(reason)
 
     def check_key(request: Request) -> None:
         key = api_key() if callable(api_key) else api_key
@@ -95,9 +104,16 @@ def build_app(engine, *, api_key=None, max_body_bytes: int = MAX_BODY_BYTES, max
             _, ids = prompt_of(req, kind)
             check_context(req, len(ids), engine.context, kind)
         except APIError as e:
+            reject(_REJECTION_OF_STATUS.get(e.status, "invalid_request"))
             return _error(e)
+        err = getattr(engine, "error", None)
+        if err is not None:
+            reject("engine_failed")
+            return JSONResponse(APIError(503, f"the engine failed: {err}", type="engine_error").body(),
+                                status_code=503)
         with admit_lock:
             if admitted[0] >= max_queue:
+                reject("overloaded")
                 e = APIError(503, f"the server is at its limit of {max_queue} requests; retry shortly",
                              type="overloaded_error")
                 return JSONResponse(e.body(), status_code=503, headers={"Retry-After": "1"})

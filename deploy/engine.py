@@ -116,6 +116,7 @@ class _Request:
     finished: bool = False
     t_submit: float = 0.0
     t_first: float | None = None
+    t_last: float = 0.0  # when the last token was sampled
 
 
 class Engine:
@@ -130,11 +131,13 @@ class Engine:
         chat_template: Jinja template rendering ``messages`` (run sandboxed).
         max_batch: sequences decoded together at most (more wait, in order).
         prefill_chunk: prompt tokens prefilled per scheduler iteration at most.
+        metrics: a ``cluster.metrics.ServingMetrics`` (default: one tagged ``model_name``; it
+            exports through ``ray.util.metrics`` when Ray is initialised in this process).
     """
 
     def __init__(self, backend, tokenizer, model_name: str, *, context: int | None = None,
                  eos_token: str = "<|endoftext|>", chat_template: str | None = None,
-                 max_batch: int = MAX_BATCH, prefill_chunk: int = PREFILL_CHUNK):
+                 max_batch: int = MAX_BATCH, prefill_chunk: int = PREFILL_CHUNK, metrics=None):
         if max_batch < 1 or prefill_chunk < 1:
             raise ValueError(f"max_batch and prefill_chunk must be >= 1, got {max_batch}, {prefill_chunk}")
         self.backend = backend
@@ -158,6 +161,11 @@ class Engine:
         self.generated_tokens = 0
         self.decode_steps = 0
         self.decode_rows = 0
+        if metrics is None:
+            from cluster.metrics import ServingMetrics
+
+            metrics = ServingMetrics(model_name)
+        self.metrics = metrics
 
     # ------------------------------------------------------------------ API
     def stats(self) -> dict:
@@ -297,6 +305,8 @@ class Engine:
                 for r in failed:
                     r.finished = True
                     self._put(r, e)
+                    self.metrics.inc("tide_serve_requests", finish_reason="error")
+                self.metrics.gauges(0, 0, 0, force=True)
                 return
 
     def _iteration(self) -> None:
@@ -319,6 +329,7 @@ class Engine:
             share = max(1, self.prefill_chunk // 2) if k == 0 and len(order) > 1 else budget
             n = min(share, budget, len(r.prompt) - r.done)
             logits = self.backend.prefill(r.seq, r.prompt[r.done:r.done + n], not r.opened)
+            self.metrics.inc("tide_serve_prompt_tokens", n)
             if not r.opened:
                 r.opened = True
                 with self._cv:
@@ -337,6 +348,9 @@ class Engine:
             self.decode_rows += len(rows)
             for r, lg in zip(rows, logits, strict=True):
                 self._emit(r, lg)
+        with self._cv:
+            running, queued = len(self._running), len(self._waiting) + len(self._inbox)
+        self.metrics.gauges(running, queued, self.backend.state_bytes(), force=not (running or queued))
 
     def _text(self, r: _Request) -> str:
         return self.tokenizer.decode(r.ids)
@@ -346,8 +360,14 @@ class Engine:
         tok = r.sampler.sample(logits)
         r.ids.append(tok)
         self.generated_tokens += 1
+        now = time.monotonic()
         if r.t_first is None:
-            r.t_first = time.monotonic()
+            r.t_first = now
+            self.metrics.observe("tide_serve_ttft_seconds", now - r.t_submit)
+        else:
+            self.metrics.observe("tide_serve_inter_token_seconds", now - r.t_last)
+        r.t_last = now
+        self.metrics.inc("tide_serve_generated_tokens")
         r.next_tok = None
         if tok == self.eos_id:
             return self._finish(r, Delta("", "stop", len(r.ids)))
@@ -375,6 +395,7 @@ class Engine:
                     lst.remove(r)
             r.finished = True
             self.completed += 1
+        self.metrics.inc("tide_serve_requests", finish_reason=last.finish_reason if last is not None else "cancelled")
         if last is not None:
             self._put(r, last)
 
