@@ -338,6 +338,22 @@ def cmd_plan(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate(ns: argparse.Namespace) -> int:
+    """``tide calibrate``: measure the links (nccl-tests or a gloo probe) and write the link-model file."""
+    from comm.nccl_tests import NcclTestsError
+
+    from . import calibrate
+
+    try:
+        calibrate.main(ns)
+    except NcclTestsError as e:  # a failed benchmark run: exit 1 with its error, not a usage error
+        print(f"tide: error: {e}", file=sys.stderr)
+        return 1
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    return 0
+
+
 def cmd_serve(ns: argparse.Namespace) -> int:
     """``tide serve PATH``: the OpenAI-compatible endpoints under Ray Serve (blocks until Ctrl-C)."""
     import socket
@@ -628,6 +644,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "into shards, microbatches and waves.")
     pl.add_argument("config", help="training YAML with a `parallel` section, e.g. configs/pipeline.yaml")
     pl.set_defaults(func=cmd_plan)
+    from . import calibrate as _calibrate
+
+    _calibrate.add_arguments(sub.add_parser(
+        "calibrate", help="measure inter-/intra-rack links (nccl-tests, else a gloo probe); write the link model",
+        description=_calibrate.DESCRIPTION)).set_defaults(func=cmd_calibrate)
     tr.set_defaults(func=cmd_train)
     ex.set_defaults(func=cmd_export)
 

@@ -1,0 +1,329 @@
+"""``tide calibrate``: measure the links between and within racks and write the link-model file.
+
+Joins the Ray cluster (``--address`` / ``RAY_ADDRESS`` / a live local head) or, with none
+to join, simulates ``--local-racks`` labelled racks on this machine
+(``cluster.local_racks``), then discovers the racks from the nodes' ``rack`` labels and
+measures, as Ray tasks/actors pinned with ``label_selector={"rack": ...}``:
+
+- between every pair of racks: ``sendrecv`` (the pipeline's point-to-point traffic);
+- within every rack: ``all_reduce`` and ``alltoall`` (gradient sync, expert all-to-all).
+
+With the nccl-tests binaries (``--nccl-tests-dir``, ``$NCCL_TESTS_DIR`` or ``PATH``) the
+measurements are ``sendrecv_perf`` (through ``--launcher``, ``mpirun`` by default, one
+process on the first node of each rack) and ``all_reduce_perf`` / ``alltoall_perf``
+(one process driving every GPU of the rack's first node, ``-g <GPUs>``; racks of several
+nodes go through the launcher). Without them (CPU machines) a torch.distributed gloo probe
+measures the same three collectives between two processes (``comm.calibrate.gloo_probe``)
+and prints the same table. The fit and the files written are described in
+``comm.calibrate`` (``fit_link_model``, ``write_calibration``).
+
+The nccl-tests binaries must sit at the same path on every node (a shared install).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import shlex
+import time
+from pathlib import Path
+from typing import Any
+
+from comm.calibrate import (
+    BINARIES,
+    DEFAULT_GLOO_SIZES,
+    DEFAULT_NCCL_SIZES,
+    INTER_RACK_OPS,
+    INTRA_RACK_OPS,
+    CalibrationError,
+    CalibrationTable,
+    find_nccl_tests,
+    fit_link_model,
+    nccl_tests_command,
+    parse_sizes,
+    render_fits,
+    render_table,
+    write_calibration,
+)
+
+DEFAULT_OUT = "runs/calibration/link_model.yaml"
+DEFAULT_LAUNCHER = "mpirun -np {nprocs} -H {hosts}"
+PROBE_CPUS = 1  # logical CPUs per gloo probe process (a local simulated rack has 2)
+
+DESCRIPTION = (
+    "Measure the links between racks (sendrecv) and within racks (all_reduce, alltoall) with NVIDIA nccl-tests "
+    "when installed, else with a torch.distributed gloo probe, as Ray tasks pinned to racks by the nodes' `rack` "
+    "label; print the tables (size, time, algbw, busbw as nccl-tests prints them) and write the link-model file "
+    "that `parallel.link_model` loads (latency from the smallest size's time, bandwidth from the large sizes' "
+    "busbw) plus the raw tables as JSON beside it. Joins the cluster given by --address or RAY_ADDRESS or a "
+    "running local head; with none, simulates --local-racks racks on this machine.")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The options of ``tide calibrate``."""
+    p.add_argument("--out", default=DEFAULT_OUT, metavar="PATH",
+                   help="link-model file to write (YAML; .json for JSON); the tables go to <stem>.tables.json "
+                        "beside it (default: %(default)s)")
+    p.add_argument("--method", choices=("auto", "nccl-tests", "gloo"), default="auto",
+                   help="nccl-tests binaries, or the gloo probe; auto: nccl-tests when found (default: %(default)s)")
+    p.add_argument("--sizes", metavar="LIST",
+                   help=f"message sizes in bytes, comma-separated, K/M/G = 1024^n (default: {DEFAULT_GLOO_SIZES} for "
+                        f"gloo; {DEFAULT_NCCL_SIZES} for nccl-tests, which sweeps powers of two from the smallest "
+                        f"to the largest)")
+    p.add_argument("--iters", type=int, default=20, help="timed iterations per size (default: %(default)s)")
+    p.add_argument("--nccl-tests-dir", metavar="DIR",
+                   help="directory of sendrecv_perf, all_reduce_perf, alltoall_perf (default: $NCCL_TESTS_DIR, "
+                        "else found on PATH)")
+    p.add_argument("--launcher", default=DEFAULT_LAUNCHER, metavar="CMD",
+                   help="prefix that starts a multi-node nccl-tests run, with {nprocs} and {hosts} "
+                        "(host:slots,...) filled in; '' runs the binary directly (default: %(default)r)")
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, a local head, or simulated racks)")
+    p.add_argument("--local-racks", type=int, default=2, metavar="N",
+                   help="racks to simulate when there is no cluster to join (default: %(default)s)")
+    return p
+
+
+# ------------------------------------------------------------------- cluster
+def connect(address: str | None, local_racks: int, log) -> tuple[str, Any]:
+    """Join a cluster with rack-labelled nodes or start simulated racks (as ``tide train`` does).
+
+    Returns:
+        ``(mode, local)``: a description, and the ``LocalRacks`` to shut down (None when joined).
+
+    Raises:
+        ValueError: an explicit address that does not answer, or ``local_racks < 1``.
+    """
+    import ray
+
+    from cluster.local_racks import reachable_ray_address, start_local_racks
+
+    if ray.is_initialized():
+        return "joined (already connected)", None
+    explicit = address or os.environ.get("RAY_ADDRESS")
+    target = explicit or reachable_ray_address()  # a stale address file would make "auto" wait for a dead GCS
+    if target is not None:
+        try:
+            ray.init(address=target, log_to_driver=True)
+        except ConnectionError:
+            if explicit:
+                raise ValueError(f"no Ray cluster answers at {explicit}") from None
+        else:
+            if explicit or racks_of_cluster():
+                return f"joined {target}", None
+            log(f"tide: the Ray cluster at {target} has no node labelled rack=...; not using it")
+            ray.shutdown()
+    if local_racks < 1:
+        raise ValueError(f"--local-racks must be >= 1, got {local_racks}")
+    racks = {f"r{i}": 2 for i in range(local_racks)}
+    local = start_local_racks(racks)
+    return f"embedded ({local_racks} simulated rack(s) of 2 CPUs: {', '.join(racks)})", local
+
+
+def racks_of_cluster() -> dict[str, list[dict]]:
+    """``{rack: [node, ...]}`` of the alive nodes labelled ``rack=...``, racks and nodes sorted.
+
+    Each node: ``{"node_id", "ip", "gpus", "cpus"}``.
+    """
+    import ray
+
+    racks: dict[str, list[dict]] = {}
+    for n in ray.nodes():
+        rack = (n.get("Labels") or {}).get("rack")
+        if n.get("Alive") and rack:
+            res = n.get("Resources") or {}
+            racks.setdefault(rack, []).append({"node_id": n["NodeID"], "ip": n["NodeManagerAddress"],
+                                               "gpus": int(res.get("GPU", 0)), "cpus": res.get("CPU", 0)})
+    return {r: sorted(racks[r], key=lambda d: (d["ip"], d["node_id"])) for r in sorted(racks)}
+
+
+# ---------------------------------------------------------------- gloo probe
+class _Probe:
+    """One gloo probe process (a Ray actor pinned to a rack)."""
+
+    def where(self) -> dict:
+        import socket
+
+        import ray
+
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        ctx = ray.get_runtime_context()
+        return {"ip": ray.util.get_node_ip_address(), "port": port,
+                "rack": (ctx.get_node_labels() or {}).get("rack"), "host": socket.gethostname()}
+
+    def run(self, rank: int, world: int, master: str, port: int, ops: list[str], sizes: list[int], iters: int,
+            host: str, timeout_s: float):
+        import datetime
+
+        import torch
+        import torch.distributed as dist
+
+        from comm.calibrate import gloo_probe
+
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", init_method=f"tcp://{master}:{port}", rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=timeout_s))
+        try:
+            return [gloo_probe(op, sizes, iters=iters, host=host) for op in ops]
+        finally:
+            dist.destroy_process_group()
+
+
+def _gloo_tables(link_class: str, racks: tuple[str, ...], ops: tuple[str, ...], sizes: list[int], iters: int,
+                 timeout_s: float = 600.0) -> list[CalibrationTable]:
+    """Two probe processes (on the two racks, or both on one rack) measure ``ops``."""
+    import ray
+
+    Probe = ray.remote(_Probe)
+    placed = [racks[0], racks[-1]]
+    actors = [Probe.options(num_cpus=PROBE_CPUS, label_selector={"rack": r}).remote() for r in placed]
+    try:
+        where = ray.get([a.where.remote() for a in actors], timeout=timeout_s)
+        wrong = [(w["rack"], r) for w, r in zip(where, placed, strict=True) if w["rack"] != r]
+        if wrong:
+            raise CalibrationError(f"probe placed on the wrong rack (got, wanted): {wrong}")
+        results = ray.get([a.run.remote(i, 2, where[0]["ip"], where[0]["port"], list(ops), sizes, iters,
+                                        f"{w['host']} ({w['rack']})", timeout_s)
+                           for i, (a, w) in enumerate(zip(actors, where, strict=True))], timeout=timeout_s)
+    finally:
+        for a in actors:
+            ray.kill(a)
+    return [CalibrationTable(link_class, racks, op, "gloo", res) for op, res in zip(ops, results[0], strict=True)]
+
+
+# ---------------------------------------------------------------- nccl-tests
+def _run_command(argv: list[str], timeout_s: float):
+    """Ray task body: run one nccl-tests command on this node."""
+    from comm.calibrate import run_nccl_tests
+
+    return run_nccl_tests(argv, timeout_s=timeout_s)
+
+
+def _nccl_tables(link_class: str, racks: tuple[str, ...], ops: tuple[str, ...], nodes: dict[str, list[dict]],
+                 directory: Path, sizes: list[int], iters: int, launcher: str,
+                 timeout_s: float = 1800.0) -> list[CalibrationTable]:
+    """Run ``ops`` with nccl-tests from a task pinned to ``racks[0]``.
+
+    inter-rack: one process (one GPU) on the first node of each of the two racks, through
+    the launcher. intra-rack: one process driving every GPU of the rack's node (``-g``),
+    or, for a rack of several nodes, one process per GPU on every node through the launcher.
+    """
+    import ray
+
+    if link_class == "inter-rack":
+        hosts = [nodes[racks[0]][0], nodes[racks[1]][0]]
+        slots, gpus_per_process = [1, 1], 1
+    else:
+        hosts = nodes[racks[0]]
+        slots = [max(1, h["gpus"]) for h in hosts]
+        gpus_per_process = slots[0] if len(hosts) == 1 else 1
+    prefix: list[str] = []
+    if len(hosts) > 1 or link_class == "inter-rack":
+        if launcher.strip():
+            prefix = shlex.split(launcher.format(nprocs=sum(slots),
+                                                 hosts=",".join(f"{h['ip']}:{s}" for h, s in zip(hosts, slots,
+                                                                                                  strict=True))))
+    num_gpus = hosts[0]["gpus"]  # reserve the launching node's GPUs so nothing else runs there meanwhile
+    task = ray.remote(_run_command).options(num_cpus=1, num_gpus=num_gpus, label_selector={"rack": racks[0]})
+    tables = []
+    for op in ops:
+        argv = nccl_tests_command(directory, op, sizes, iters=iters, gpus_per_process=gpus_per_process,
+                                  launcher=prefix)
+        result, output = ray.get(task.remote(argv, timeout_s))  # NcclTestsError propagates as itself
+        tables.append(CalibrationTable(link_class, racks, op, "nccl-tests", result, raw_output=output))
+    return tables
+
+
+# -------------------------------------------------------------------- driver
+def calibrate(*, out: str | Path = DEFAULT_OUT, method: str = "auto", sizes: str | None = None, iters: int = 20,
+              nccl_tests_dir: str | None = None, launcher: str = DEFAULT_LAUNCHER, address: str | None = None,
+              local_racks: int = 2, console=None) -> dict[str, Any]:
+    """Measure, fit and write the link model (see the module docstring).
+
+    Returns:
+        ``{"link_model": path, "tables": path, "method": ..., "racks": [...], "fits": {class: {...}}}``.
+
+    Raises:
+        ValueError: bad options, no rack-labelled nodes, nccl-tests forced but missing.
+        CalibrationError: figures that cannot make a link model (e.g. busbw 0).
+        NcclTestsError: a failed nccl-tests run, named with its error.
+    """
+    from rich.console import Console
+
+    from comm.nccl_tests import NcclTestsError
+
+    console = console or Console()
+    if method not in ("auto", "nccl-tests", "gloo"):
+        raise ValueError(f"--method must be auto, nccl-tests or gloo, got {method!r}")
+    if iters < 1:
+        raise ValueError(f"--iters must be >= 1, got {iters}")
+    directory = None
+    if method != "gloo":
+        directory = find_nccl_tests(nccl_tests_dir)
+        if directory is None and method == "nccl-tests":
+            raise ValueError("--method nccl-tests: no nccl-tests binaries (sendrecv_perf, all_reduce_perf, "
+                             "alltoall_perf) in --nccl-tests-dir, $NCCL_TESTS_DIR or on PATH")
+    used = "nccl-tests" if directory is not None else "gloo"
+    size_list = parse_sizes(sizes or (DEFAULT_NCCL_SIZES if used == "nccl-tests" else DEFAULT_GLOO_SIZES))
+    out = Path(out)
+
+    import ray
+
+    t0 = time.perf_counter()
+    mode, local = connect(address, local_racks, console.print)
+    try:
+        nodes = racks_of_cluster()
+        if not nodes:
+            raise ValueError("no node of the Ray cluster carries a `rack` label: start the nodes with "
+                             "`ray start --labels rack=<name>` (or run without --address to simulate racks)")
+        console.print(f"tide calibrate: {mode} Ray cluster; racks "
+                      + ", ".join(f"{r} ({len(ns)} node(s), {sum(n['gpus'] for n in ns)} GPU(s))"
+                                  for r, ns in nodes.items())
+                      + f"; method {used}" + (f" ({directory})" if directory else "")
+                      + f"; sizes {size_list[0]}..{size_list[-1]} B, {iters} iters")
+        steps = [("inter-rack", pair, INTER_RACK_OPS) for pair in itertools.combinations(nodes, 2)]
+        steps += [("intra-rack", (r,), INTRA_RACK_OPS) for r in nodes]
+        if len(nodes) == 1:
+            console.print("tide calibrate: one rack only: inter-rack keeps the link model's default")
+        tables: list[CalibrationTable] = []
+        for i, (cls, racks, ops) in enumerate(steps, 1):
+            names = [BINARIES[o] if used == "nccl-tests" else o for o in ops]
+            what = f"[{i}/{len(steps)}] {cls} {'<->'.join(racks)}: {', '.join(names)}"
+            with console.status(what):
+                ts = time.perf_counter()
+                try:
+                    if used == "gloo":
+                        new = _gloo_tables(cls, racks, ops, size_list, iters)
+                    else:
+                        new = _nccl_tables(cls, racks, ops, nodes, directory, size_list, iters, launcher)
+                except (NcclTestsError, ray.exceptions.RayTaskError) as e:
+                    # a task's NcclTestsError arrives as RayTaskError(NcclTestsError): report the cause alone
+                    cause = e.cause if isinstance(e, ray.exceptions.RayTaskError) else e
+                    if isinstance(cause, NcclTestsError):
+                        raise NcclTestsError(f"{cls} {'<->'.join(racks)}: {cause}") from None
+                    raise
+            console.print(f"{what}: done in {time.perf_counter() - ts:.1f} s")
+            for t in new:
+                console.print(render_table(t))
+            tables += new
+        fits = fit_link_model(tables)
+        meta = {"method": used, "cluster": mode, "racks": {r: [n["ip"] for n in ns] for r, ns in nodes.items()},
+                "sizes": size_list, "iters": iters, "nccl_tests_dir": str(directory) if directory else None,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        model_path, tables_path = write_calibration(out, fits, tables, meta)
+    finally:
+        if local is not None:
+            local.shutdown()
+    console.print(render_fits(fits))
+    console.print(f"wrote {model_path} (link model) and {tables_path} (tables) in {time.perf_counter() - t0:.1f} s; "
+                  f"use it with `parallel: {{link_model: {model_path}}}` in a training config")
+    return {"link_model": str(model_path), "tables": str(tables_path), "method": used, "racks": list(nodes),
+            "fits": {c: {"latency_us": f.latency_us, "bandwidth_gbps": f.bandwidth_gbps} for c, f in fits.items()}}
+
+
+def main(ns: argparse.Namespace) -> dict[str, Any]:
+    """Run :func:`calibrate` with parsed ``tide calibrate`` options."""
+    return calibrate(out=ns.out, method=ns.method, sizes=ns.sizes, iters=ns.iters, nccl_tests_dir=ns.nccl_tests_dir,
+                     launcher=ns.launcher, address=ns.address, local_racks=ns.local_racks)
