@@ -432,7 +432,9 @@ def load_hf_model(hf_dir: Path):
     import transformers
 
     transformers.logging.set_verbosity_error()
-    return transformers.AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+    # use_safetensors=True: never fall back to a pickle-based pytorch_model.bin (secure defaults)
+    return transformers.AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32,
+                                                             use_safetensors=True).eval()
 
 
 def _timing_streamer():

@@ -22,8 +22,9 @@ deleting a checkpoint first renames it to ``.tmp-delete-*`` so that a crash whil
 deleting never leaves a half-deleted ``step-*`` directory.
 
 Nothing is ever unpickled: tensors are stored with safetensors, everything else as
-JSON. Optimizer state dicts (nested containers of ints, floats, tensors, ...) go
-through :func:`flatten_state` / :func:`unflatten_state`; RNG states through
+JSON; a pickle found in place of a tensor file is refused by name (``model.safe_io``).
+Optimizer state dicts (nested containers of ints, floats, tensors, ...) go through
+:func:`flatten_state` / :func:`unflatten_state`; RNG states through
 :func:`rng_state` / :func:`set_rng_state`. Typical use::
 
     opt_tensors, opt_skeleton = flatten_state(optimizer.state_dict())
@@ -64,9 +65,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from model.hf_io import fsync_path
+from model.safe_io import SAFETENSORS_ALLOWED, load_safetensors, refuse_pickle
 
 MANIFEST = "MANIFEST.json"
 META = "meta.json"
@@ -378,7 +380,8 @@ def verify_checkpoint(path: str | Path, *, hash_files: bool = True) -> list[str]
     """Check a checkpoint against its manifest; return the problems found.
 
     Checks that ``MANIFEST.json`` exists and is valid, and that every file it lists
-    exists with the recorded size and (with ``hash_files``) sha256. Files not listed
+    exists with the recorded size and (with ``hash_files``) sha256, and that no tensor
+    file is a pickle (refused even when the manifest matches it). Files not listed
     (``GOOD``, notes, ...) are ignored. Never raises for a damaged checkpoint.
 
     Args:
@@ -405,6 +408,12 @@ def verify_checkpoint(path: str | Path, *, hash_files: bool = True) -> list[str]
         if size != entry["size"]:
             problems.append(f"checkpoint {path}: file {name} has size {size}, manifest says {entry['size']}")
             continue
+        if name.endswith(TENSOR_SUFFIX):
+            try:
+                refuse_pickle(fpath, SAFETENSORS_ALLOWED)
+            except ValueError as e:
+                problems.append(f"checkpoint {path}: {e}")
+                continue
         if hash_files:
             _, digest = _hash_file(fpath)
             if digest != entry["sha256"]:
@@ -431,19 +440,21 @@ def load_checkpoint(
         FileNotFoundError: ``path`` is not a directory.
         ValueError: no ``MANIFEST.json`` ("checkpoint <path> has no MANIFEST.json
             (incomplete write?)"), an invalid manifest, or a listed file that is
-            missing or whose size/sha256 differs (the message names the file).
+            missing or whose size/sha256 differs (the message names the file); a
+            tensor file that is a pickle (e.g. a ``torch.save`` file put in place of
+            ``model.safetensors``), refused before anything parses it.
     """
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint {path} does not exist or is not a directory")
+    for f in sorted(path.glob(f"*{TENSOR_SUFFIX}")):  # a pickle is named as such, even if the manifest matches it
+        refuse_pickle(f, SAFETENSORS_ALLOWED)
     problems = verify_checkpoint(path)
     if problems:
         raise ValueError(problems[0] if len(problems) == 1 else "; ".join(problems))
     manifest = json.loads((path / MANIFEST).read_bytes())
     meta = json.loads((path / META).read_bytes())
-    groups = {
-        group: load_file(str(path / f"{group}{TENSOR_SUFFIX}"), device=str(device)) for group in manifest["groups"]
-    }
+    groups = {group: load_safetensors(path / f"{group}{TENSOR_SUFFIX}", device=device) for group in manifest["groups"]}
     return groups, meta
 
 

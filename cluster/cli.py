@@ -369,6 +369,13 @@ def cmd_serve(ns: argparse.Namespace) -> int:
         raise CLIError(f"--port must be in 1..65535, got {ns.port}")
     if ns.model_name is not None and not ns.model_name.strip():
         raise CLIError("--model-name must not be empty")
+    from deploy.serve import describe_api_key, read_api_key
+
+    key_file = str(Path(ns.api_key_file).expanduser().resolve()) if ns.api_key_file else None
+    try:
+        read_api_key(ns.api_key_env, key_file)  # an unreadable / empty key file fails here (named, never shown)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
     try:
         with socket.socket() as sock:  # the HTTP proxy binds here: fail now, not inside Serve
             sock.bind((ns.host, ns.port))
@@ -447,14 +454,14 @@ def cmd_serve(ns: argparse.Namespace) -> int:
         serve.start(http_options={"host": ns.host, "port": ns.port})
         try:
             serve.run(build({"path": str(Path(ns.path).resolve()), "model_name": ns.model_name,
-                             "api_key_env": ns.api_key_env, "topology": topology, "max_batch": ns.max_batch,
-                             "torch_threads": ns.threads}),
+                             "api_key_env": ns.api_key_env, "api_key_file": key_file, "topology": topology,
+                             "max_batch": ns.max_batch, "torch_threads": ns.threads}),
                       name="tide", route_prefix="/")
         except RuntimeError as e:
             last = [ln for ln in str(e).splitlines() if ln.strip()][-1:]
             raise CLIError(f"the Serve replica failed to start: {last[0] if last else e} (the replica's log is in "
                            f"the Ray dashboard / /tmp/ray/session_latest/logs/serve)") from None
-        key = "on" if os.environ.get(ns.api_key_env) else f"off (set {ns.api_key_env} to require one)"
+        key = describe_api_key(ns.api_key_env, key_file)  # where the key comes from, never the key
         where = "in the replica" if topology is None else "on stage actors"
         print(f"tide: serving {ns.path} {where} on http://{ns.host}:{ns.port}/v1 ({mode} Ray cluster; API key "
               f"{key}); Ctrl-C stops", flush=True)
@@ -616,6 +623,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--api-key-env", default="TIDE_API_KEY",
                     help="environment variable holding the bearer key clients must send; unset = no key "
                          "(default: %(default)s)")
+    sv.add_argument("--api-key-file", metavar="PATH",
+                    help="file whose first line is the bearer key clients must send (takes precedence over "
+                         "--api-key-env; keep it mode 600). The key is never printed or logged")
     sv.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, a local head, or embedded)")
     sv.add_argument("--topology", metavar="YAML",
                     help="serve on stage actors: a topology YAML (racks, pipeline_stages, expert_parallel, "

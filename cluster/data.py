@@ -432,6 +432,9 @@ def train_or_load_tokenizer(documents: Corpus | Iterable[str] | None, vocab_size
         path = Path(tokenizer_path).expanduser()
         if not path.is_file():
             raise ValueError(f"tokenizer file not found: {path}")
+        from model.safe_io import refuse_pickle
+
+        refuse_pickle(path, "allowed: a tokenizers JSON file (tokenizer.json)")
         try:
             tok = Tokenizer.from_file(str(path))
         except Exception as e:  # tokenizers raises a bare Exception on a bad file
@@ -451,6 +454,9 @@ def train_or_load_tokenizer(documents: Corpus | Iterable[str] | None, vocab_size
     out_dir = Path(cache_dir).expanduser() / f"tokenizer-{key}"
     path = out_dir / "tokenizer.json"
     if path.is_file():
+        from model.safe_io import refuse_pickle
+
+        refuse_pickle(path, "allowed: a tokenizers JSON file (tokenizer.json)")
         log.info("loaded cached tokenizer %s", path)
         return Tokenizer.from_file(str(path))
 
@@ -581,7 +587,14 @@ def tokenize_corpus(documents: Corpus | Iterable[str], tokenizer, cache_dir: str
     key = _sha256({"v": _TOKENS_CACHE_VERSION, "corpus": corpus_fp, "tokenizer": tok_fp, "eos": eos})[:16]
     path = Path(cache_dir).expanduser() / f"tokens-{key}.npy"
     if path.is_file():
-        tokens = np.load(path, mmap_mode="r")
+        try:  # never unpickled: an object array (or any other non-uint32 file) is refused
+            tokens = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (ValueError, OSError) as e:
+            raise ValueError(f"{path}: refused: not a tide token cache ({e}); allowed: a plain 1-D uint32 .npy "
+                             f"(object arrays are never unpickled); delete it to rebuild the cache") from None
+        if tokens.dtype != np.uint32 or tokens.ndim != 1:
+            raise ValueError(f"{path}: not a tide token cache (expected a 1-D uint32 .npy, got {tokens.dtype} "
+                             f"{tokens.shape}); delete it to rebuild the cache")
         log.info("loaded cached token stream %s (%d tokens)", path, tokens.shape[0])
         return TokenStream(tokens, eos, fingerprint=key)
 

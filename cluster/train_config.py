@@ -292,7 +292,9 @@ def read_mapping(source: str | Path | dict, what: str) -> tuple[dict, str]:
     """A YAML file (``yaml.safe_load``) or a dict -> ``(mapping, name for messages)``.
 
     Raises:
-        ValueError: missing file, invalid YAML, or not a mapping at the top level.
+        ValueError: missing file, a file that is not UTF-8 text (e.g. a pickle), invalid
+            YAML (a tag that would build a Python object, ``!!python/...``, included),
+            or not a mapping at the top level.
     """
     if isinstance(source, dict):
         return dict(source), what
@@ -301,10 +303,17 @@ def read_mapping(source: str | Path | dict, what: str) -> tuple[dict, str]:
     p = Path(source)
     if not p.is_file():
         raise ValueError(f"{what} {p} does not exist or is not a file")
+    from model.safe_io import YAML_ALLOWED, yaml_refusal_hint
+
     try:
-        data = yaml.safe_load(p.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise ValueError(f"{p}: not valid YAML: {e}") from None
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{p}: not a UTF-8 text file (byte {e.start}: {e.reason}), refused (a {what} is YAML); "
+                         f"{YAML_ALLOWED}") from None
+    try:
+        data = yaml.safe_load(text)  # never yaml.load / unsafe_load: no tag builds a Python object
+    except yaml.YAMLError as e:
+        raise ValueError(f"{p}: not valid YAML: {e}{yaml_refusal_hint(e)}") from None
     if not isinstance(data, dict):
         raise ValueError(f"{p}: expected a mapping at the top level")
     return data, str(p)

@@ -443,12 +443,21 @@ def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint directory, or a run directory's latest committed one.
 
     Raises:
-        ValueError: a run directory without a committed checkpoint, or not a directory.
+        ValueError: a run directory without a committed checkpoint, or not a directory
+            (a pickle-based file, e.g. a ``.pt``, is refused by name).
     """
+    from model.safe_io import refuse_pickle
+
     path = Path(path).expanduser()
+    if path.is_file():
+        refuse_pickle(path, "allowed: a run directory or a tide checkpoint directory (safetensors + JSON)")
     if (path / "checkpoints").is_dir():
         latest = ckpt.latest_checkpoint(path / "checkpoints")
         if latest is None:
+            damaged = ckpt.list_checkpoints(path / "checkpoints")
+            problems = ckpt.verify_checkpoint(damaged[-1], hash_files=False) if damaged else []
+            if problems:  # say why the newest one is unusable (e.g. a pickle in place of a tensor file)
+                raise ValueError(f"{path}: run directory has no intact checkpoint; the newest: {problems[0]}")
             raise ValueError(f"{path}: run directory has no committed checkpoint")
         path = latest
     if not path.is_dir():

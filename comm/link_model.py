@@ -93,15 +93,28 @@ class LinkModel:
 
     @classmethod
     def from_file(cls, path: str | Path, *, enabled: bool = True) -> LinkModel:
-        """Load a calibration file (JSON or YAML)."""
+        """Load a calibration file (JSON, or YAML through ``yaml.safe_load``: never an object tag).
+
+        Raises:
+            ValueError: missing file, not UTF-8 text (e.g. a pickle), unparsable, a
+                YAML tag that would build a Python object, or bad fields (named).
+        """
         import yaml
 
         p = Path(path)
         if not p.is_file():
             raise ValueError(f"link calibration file {p} does not exist")
-        text = p.read_text()
+        allowed = ("allowed: JSON, or plain YAML read with yaml.safe_load (mappings, lists, strings, numbers): tags "
+                   "that build Python objects such as !!python/object are refused")
+        try:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{p}: not a UTF-8 text file (byte {e.start}: {e.reason}), refused; {allowed}") from None
         try:
             data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
-        except (json.JSONDecodeError, yaml.YAMLError) as e:
+        except json.JSONDecodeError as e:
             raise ValueError(f"{p}: cannot parse: {e}") from None
+        except yaml.YAMLError as e:
+            hint = f"; {allowed}" if isinstance(e, yaml.constructor.ConstructorError) else ""
+            raise ValueError(f"{p}: cannot parse: {e}{hint}") from None
         return cls.from_dict(data, enabled=enabled, source=str(p))

@@ -10,13 +10,17 @@
 
 The chat template comes from ``tokenizer_config.json`` beside the tokenizer (written by
 training and copied by ``tide export``; ``deploy.engine.DEFAULT_CHAT_TEMPLATE`` without one).
-Raises ValueError naming what is missing.
+Raises ValueError naming what is missing. Nothing is unpickled: weights are read from
+safetensors only, configs and tokenizers from JSON; a pickle-based file (a ``.pt`` given as
+PATH, a pickle saved as ``tokenizer.json`` or as a weights file) is refused by name.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+
+TOKENIZER_ALLOWED = "allowed: a tokenizers JSON file (tokenizer.json)"
 
 
 @dataclass
@@ -32,8 +36,12 @@ class Source:
 def locate(path: str | Path) -> Source:
     """Find the model and tokenizer ``path`` refers to without reading weights (see module docstring)."""
     from cluster.trainer import resolve_checkpoint
+    from model.safe_io import refuse_pickle
 
     p = Path(path).expanduser()
+    if p.is_file():
+        refuse_pickle(p, "allowed: a run directory, a tide checkpoint directory or an HF directory with "
+                         "safetensors weights")
     if not p.is_dir():
         raise ValueError(f"{p}: not a directory (give a run directory, a checkpoint or an HF model directory)")
     if (p / "config.json").is_file():
@@ -46,6 +54,7 @@ def locate(path: str | Path) -> Source:
                          f"(config.json)")
     if not src.tokenizer.is_file():
         raise ValueError(f"no tokenizer.json at {src.tokenizer}: tide serves text, it needs the run's tokenizer")
+    refuse_pickle(src.tokenizer, TOKENIZER_ALLOWED)
     return src
 
 
@@ -92,7 +101,10 @@ def load_engine(path: str | Path, *, model_name: str | None = None, context: int
 
     src = locate(path)
     model = load_hf(src.path) if src.kind == "hf" else load_trained_model(src.path)[0]
-    tok = Tokenizer.from_file(str(src.tokenizer))
+    try:
+        tok = Tokenizer.from_file(str(src.tokenizer))
+    except Exception as e:  # tokenizers raises a bare Exception on a bad file
+        raise ValueError(f"{src.tokenizer}: not a valid tokenizer.json ({e}); {TOKENIZER_ALLOWED}") from None
     template = read_chat_template(src.tokenizer.parent)
     if topology is None:
         backend = LocalBackend(model)

@@ -14,14 +14,17 @@ replica starts the actors in its own placement group (``StageGroup(placement_gro
 ray.util.get_current_placement_group(), bundle_offset=1)``). ``deploy/serve.yaml`` is
 the same application for ``serve deploy``.
 
-The API key, when wanted, comes from the environment variable named by ``api_key_env``
-(default ``TIDE_API_KEY``), never from arguments or logs: Ray's token auth does not
-cover Serve's HTTP port.
+The API key, when wanted, comes from a file (``api_key_file``: its first line) or else
+from the environment variable named by ``api_key_env`` (default ``TIDE_API_KEY``); only
+the file's path or the variable's name travel as deployment arguments, and the key is
+never logged, printed or put in an error message (:func:`read_api_key`). Ray's token auth
+does not cover Serve's HTTP port, so the app checks the key itself.
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from ray import serve
 
@@ -45,26 +48,70 @@ class _Current:
 _app = build_app(_Current(), api_key=lambda: _Current.api_key)
 
 
+def read_api_key(api_key_env: str = "TIDE_API_KEY", api_key_file: str | None = None) -> str | None:
+    """The bearer key clients must send, or None (no key): from ``api_key_file`` when
+    given (its first line, surrounding whitespace stripped), else from the environment
+    variable ``api_key_env`` (unset or empty: no key).
+
+    Errors name the file or the variable, never the key.
+
+    Raises:
+        ValueError: ``api_key_file`` is missing, unreadable, not UTF-8 or empty.
+    """
+    if api_key_file is not None:
+        p = Path(api_key_file).expanduser()
+        try:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise ValueError(f"API key file {p} is not UTF-8 text") from None
+        except OSError as e:
+            raise ValueError(f"cannot read API key file {p}: {e.strerror or type(e).__name__}") from None
+        key = text.strip().splitlines()[0].strip() if text.strip() else ""
+        if not key:
+            raise ValueError(f"API key file {p} is empty (put the key on its first line)")
+        return key
+    return os.environ.get(api_key_env) or None
+
+
+def describe_api_key(api_key_env: str = "TIDE_API_KEY", api_key_file: str | None = None) -> str:
+    """Where the key comes from, for start-up messages (never the key itself)."""
+    if api_key_file is not None:
+        return f"on (from file {api_key_file})"
+    return f"on (from ${api_key_env})" if os.environ.get(api_key_env) else f"off (set {api_key_env} or " \
+                                                                          f"--api-key-file to require one)"
+
+
+def load_replica(path: str, model_name: str | None = None, api_key_env: str = "TIDE_API_KEY", topology=None,
+                 max_batch: int = 32, torch_threads: int | None = None, api_key_file: str | None = None,
+                 placement_group=None):
+    """Load the engine and the API key into the module's app (``_app``): what a replica does at start.
+
+    Also usable without Serve (tests drive ``_app`` with FastAPI's TestClient).
+    """
+    from .loader import load_engine
+
+    if torch_threads:  # intra-op threads of this replica (the HTTP side needs a core too)
+        import torch
+
+        torch.set_num_threads(torch_threads)
+    _Current.api_key = read_api_key(api_key_env, api_key_file)  # before the (slow) load: a bad file fails fast
+    _Current.engine = load_engine(path, model_name=model_name, topology=topology, placement_group=placement_group,
+                                  bundle_offset=1, max_batch=max_batch)
+    return _app
+
+
 @serve.deployment(max_ongoing_requests=64, ray_actor_options={"num_cpus": REPLICA_CPUS})
 @serve.ingress(_app)
 class OpenAIServer:
     """One replica: loads the engine (in process, or on stage actors in its placement group)."""
 
     def __init__(self, path: str, model_name: str | None = None, api_key_env: str = "TIDE_API_KEY",
-                 topology=None, max_batch: int = 32, torch_threads: int | None = None):
+                 topology=None, max_batch: int = 32, torch_threads: int | None = None,
+                 api_key_file: str | None = None):
         from ray.util import get_current_placement_group
 
-        from .loader import load_engine
-
-        if torch_threads:  # intra-op threads of this replica (the HTTP side needs a core too)
-            import torch
-
-            torch.set_num_threads(torch_threads)
-
         placement = get_current_placement_group() if topology is not None else None
-        _Current.engine = load_engine(path, model_name=model_name, topology=topology, placement_group=placement,
-                                      bundle_offset=1, max_batch=max_batch)
-        _Current.api_key = os.environ.get(api_key_env) or None
+        load_replica(path, model_name, api_key_env, topology, max_batch, torch_threads, api_key_file, placement)
 
     def check_health(self):
         """Serve's replica health check: a failed engine (e.g. a dead stage actor) makes Serve replace the replica."""
@@ -97,13 +144,15 @@ def placement_options(topology, num_hidden_layers: int, n_routed_experts: int) -
 
 def build(args: dict) -> serve.Application:
     """``serve run deploy.serve:build path=RUN_OR_CHECKPOINT [model_name=NAME] [api_key_env=VAR]
-    [topology=TOPOLOGY.yaml] [max_batch=N] [torch_threads=N]`` (``topology`` may also be a mapping,
-    as in serve.yaml).
+    [api_key_file=PATH] [topology=TOPOLOGY.yaml] [max_batch=N] [torch_threads=N]`` (``topology`` may
+    also be a mapping, as in serve.yaml). ``api_key_file`` (readable on the replica's node) takes
+    precedence over ``api_key_env``; the key itself is never an argument.
 
     Raises:
-        ValueError: no ``path``, an unknown argument, or a bad path / topology (named).
+        ValueError: no ``path``, an unknown argument, a bad path / topology, or an
+            unreadable / empty ``api_key_file`` (named; the key is never shown).
     """
-    allowed = {"path", "model_name", "api_key_env", "topology", "max_batch", "torch_threads"}
+    allowed = {"path", "model_name", "api_key_env", "api_key_file", "topology", "max_batch", "torch_threads"}
     unknown = sorted(set(args) - allowed)
     if unknown:
         raise ValueError(f"deploy.serve:build: unknown argument(s) {unknown}; allowed: {sorted(allowed)}")
@@ -112,6 +161,10 @@ def build(args: dict) -> serve.Application:
     from .loader import model_args_of
 
     margs = model_args_of(args["path"])  # a bad path fails here, not in the replica
+    key_file = args.get("api_key_file")
+    if key_file is not None:
+        key_file = str(Path(key_file).expanduser().resolve())
+        read_api_key(api_key_file=key_file)  # fail fast; the replica reads it again (the key is not an argument)
     topology = args.get("topology")
     if topology is not None:
         from .loader import read_topology
@@ -126,7 +179,7 @@ def build(args: dict) -> serve.Application:
             raise ValueError(f"deploy.serve:build: {key} must be an integer >= 1, got {v!r}")
     threads = args.get("torch_threads")
     return dep.bind(args["path"], args.get("model_name"), args.get("api_key_env", "TIDE_API_KEY"), topology,
-                    int(args.get("max_batch", 32)), int(threads) if threads else None)
+                    int(args.get("max_batch", 32)), int(threads) if threads else None, key_file)
 
 
 def serve_and_ask(path, topology, message: str, *, port: int | None = None, max_tokens: int = 64) -> dict:

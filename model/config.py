@@ -297,10 +297,13 @@ class ModelArgs:
         an error on duplicate keys.
 
         Raises:
-            ValueError: naming the file: missing or not a regular file, not UTF-8 text,
-                invalid YAML (with line and column), empty, or bad fields.
+            ValueError: naming the file: missing or not a regular file, not UTF-8 text
+                (e.g. a pickle), invalid YAML (with line and column; a tag that would
+                build a Python object, ``!!python/...``, included), empty, or bad fields.
         """
         import yaml
+
+        from .safe_io import YAML_ALLOWED, yaml_refusal_hint
 
         p = Path(path)
         if not p.exists():
@@ -310,13 +313,14 @@ class ModelArgs:
         try:
             text = p.read_text(encoding="utf-8")
         except UnicodeDecodeError as e:
-            raise ValueError(f"{p}: not a UTF-8 text file (byte {e.start}: {e.reason})") from None
+            raise ValueError(f"{p}: not a UTF-8 text file (byte {e.start}: {e.reason}), refused; "
+                             f"{YAML_ALLOWED}") from None
         except OSError as e:
             raise ValueError(f"cannot read model config {p}: {e.strerror or e}") from None
         try:
             data = yaml.load(text, Loader=_yaml_loader())  # a yaml.SafeLoader subclass: no object tags
         except yaml.YAMLError as e:
-            raise ValueError(f"{p}: not valid YAML: {_yaml_error_line(e)}") from None
+            raise ValueError(f"{p}: not valid YAML: {_yaml_error_line(e)}{yaml_refusal_hint(e)}") from None
         if isinstance(data, dict) and set(data) == {"model"}:
             data = data["model"]
         if data is None or data == {}:

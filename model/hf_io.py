@@ -8,7 +8,9 @@ per-expert ``ffn.experts.E.w1/w2/w3``, ...) and HF's in-memory names, which are
 ours (``model.layers.N.self_attn.q_a_proj``, stacked ``mlp.experts.gate_up_proj``).
 ``save_hf`` writes the in-memory names, ``lm_head.weight``, and ``mtp.<i>.*`` for
 the MTP module (which ``transformers`` ignores on load).
-Checkpoints are never unpickled: only JSON and safetensors are read.
+Checkpoints are never unpickled: only JSON and safetensors are read. A directory with
+only ``pytorch_model.bin`` / ``*.pt`` weights, an index naming a non-safetensors shard, or
+a pickle saved under a ``.safetensors`` name is refused (``model.safe_io``).
 """
 
 from __future__ import annotations
@@ -22,10 +24,10 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .config import ModelArgs
+from .safe_io import NEVER_UNPICKLED, SAFETENSORS_ALLOWED, open_safetensors
 from .transformer import Transformer
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -116,9 +118,22 @@ def _checkpoint_files(path: Path) -> list[Path]:
             raise ValueError(f"{path / INDEX_NAME}: invalid JSON: {e}") from None
         if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
             raise ValueError(f"{path / INDEX_NAME}: missing 'weight_map'")
-        return [path / f for f in sorted(set(index["weight_map"].values()))]
+        shards = sorted(set(index["weight_map"].values()))
+        for f in shards:
+            if not isinstance(f, str) or Path(f).name != f or f in (".", ".."):
+                raise ValueError(f"{path / INDEX_NAME}: shard {f!r} is not a plain file name in {path}")
+            if not f.endswith(".safetensors"):
+                raise ValueError(f"{path / INDEX_NAME}: refused shard {f!r}: {NEVER_UNPICKLED}; "
+                                 f"{SAFETENSORS_ALLOWED}")
+        return [path / f for f in shards]
     if (path / SINGLE_NAME).is_file():
         return [path / SINGLE_NAME]
+    pickled = sorted(f.name for f in path.iterdir()
+                     if f.is_file() and (f.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+                                         or f.name.endswith(".bin.index.json")))
+    if pickled:
+        raise ValueError(f"{path}: refused: the weights are pickle-based PyTorch files {pickled[:4]} and there is "
+                         f"no {SINGLE_NAME} or {INDEX_NAME}; {NEVER_UNPICKLED}; {SAFETENSORS_ALLOWED}")
     raise ValueError(f"{path}: no {SINGLE_NAME} or {INDEX_NAME} found (expected a directory written by "
                      "save_pretrained / model.save_hf)")
 
@@ -135,7 +150,9 @@ def load_hf(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, devi
             otherwise the MTP module keeps its fresh initialisation.
     Raises:
         ValueError: missing directory/config, unknown config fields, missing or
-            unexpected tensors, or shape mismatches (each named).
+            unexpected tensors, or shape mismatches (each named); pickle-based
+            weights (``pytorch_model.bin``, ``*.pt``, a pickle under a safetensors
+            name), which are never loaded.
     """
     p = Path(path)
     if not (p / "config.json").is_file():
@@ -157,12 +174,9 @@ def load_hf(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, devi
     for f in _checkpoint_files(p):
         if not f.is_file():
             raise ValueError(f"{p}: shard {f.name} listed in the index is missing")
-        try:
-            with safe_open(str(f), framework="pt", device=str(device)) as sf:
-                for key in sf.keys():
-                    raw[from_hf_name(key)] = sf.get_tensor(key)
-        except SafetensorError as e:
-            raise ValueError(f"{f}: not a readable safetensors file (truncated or corrupt?): {e}") from None
+        with open_safetensors(f, device=device) as sf:  # a pickle under any name is refused here
+            for key in sf.keys():
+                raw[from_hf_name(key)] = sf.get_tensor(key)
     _merge_experts(raw, args.n_routed_experts, str(p))
     loaded: dict[str, torch.Tensor] = {}
     ignored_mtp = []
