@@ -7,6 +7,7 @@ Subcommands (``tide --help`` and ``tide <command> --help`` explain each):
 - ``tide cache-bytes``: the decode-state (KV cache) accounting of a flavor as JSON.
 - ``tide config show FLAVOR`` / ``tide config check PATH``: print a flavor as YAML /
   validate a model YAML.
+- ``tide dashboards [--push URL]``: write the Grafana dashboards (and upload them).
 
 Run as ``tide ...`` once installed, or ``python -m cluster.cli ...`` from the
 repository root. User errors print one ``tide: error: ...`` line and exit with 2.
@@ -552,6 +553,74 @@ def cmd_config_check(ns: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------- dashboards
+def cmd_dashboards(ns: argparse.Namespace) -> int:
+    """``tide dashboards``: write the Grafana dashboards (``deploy.dashboards``) as JSON files, also into the
+    dashboard folder of the latest Ray session's Grafana provisioning, and with ``--push URL`` upload them and
+    a Prometheus datasource to a Grafana server (token from the environment, never printed)."""
+    try:
+        from deploy import dashboards as dash
+    except ImportError as e:
+        raise CLIError(f"tide dashboards needs grafana-foundation-sdk and grafana-client (Python >= 3.11; "
+                       f"pip install -e .): {e}") from None
+    token = None
+    if ns.push:
+        token = os.environ.get(ns.token_env, "")
+        if not token:
+            raise CLIError(f"--push needs a Grafana service-account token in the environment variable "
+                           f"{ns.token_env} (Grafana: Administration > Users and access > Service accounts, add a "
+                           "token; role Admin to create the datasource); it is read from there only, never from "
+                           "arguments")
+    for path in dash.write_dashboards(ns.out):
+        print(f"wrote {path}")
+    if not ns.no_ray:
+        target = dash.ray_dashboards_dir(ns.ray_temp_dir)
+        if target is None:
+            root = ns.ray_temp_dir or dash.ray_temp_dir()
+            print(f"no Ray session with Grafana provisioning under {root} (start one with `ray start --head`): "
+                  "skipped")
+        else:
+            for path in dash.write_dashboards(target):
+                print(f"wrote {path} (Ray's Grafana provisioning, folder 'Ray')")
+    if ns.push:
+        try:
+            result = dash.push(ns.push, token, ns.prometheus_url, datasource_name=ns.datasource_name,
+                               timeout=ns.timeout)
+        except (ValueError, dash.PushError) as e:
+            raise CLIError(str(e)) from None
+        ds = result["datasource"]
+        print(f"datasource {ds['name']!r} (uid {ds['uid']}) {ds['action']}: {ns.prometheus_url}")
+        for d in result["dashboards"]:
+            print(f"dashboard {d['uid']} saved (version {d['version']}): {d['url']}")
+    return 0
+
+
+def add_dashboards_parser(sub) -> None:
+    """The ``tide dashboards`` subcommand."""
+    db = sub.add_parser(
+        "dashboards", help="write the training and serving Grafana dashboards; --push uploads them",
+        description="Build the Grafana dashboards of training (uid tide-training) and serving (uid tide-serving) "
+                    "with grafana-foundation-sdk and write them as JSON into --out and into the dashboard folder of "
+                    "the latest Ray session's Grafana provisioning (<ray temp dir>/session_latest/metrics/grafana; "
+                    "a Grafana started with that session's grafana.ini shows them in its folder 'Ray'). With --push "
+                    "URL, upload both (overwriting) and a Prometheus datasource to that Grafana server with "
+                    "grafana-client, authenticated by the service-account token in $GRAFANA_TOKEN (--token-env).")
+    db.add_argument("--out", default="runs/dashboards", help="folder for the JSON files; default: %(default)s")
+    db.add_argument("--ray-temp-dir", metavar="DIR",
+                    help="Ray's temporary root (default: $RAY_TMPDIR, else $TMPDIR, else /tmp, plus /ray)")
+    db.add_argument("--no-ray", action="store_true", help="do not write into Ray's Grafana provisioning folder")
+    db.add_argument("--push", metavar="URL", help="Grafana server to upload to, e.g. http://127.0.0.1:3000")
+    db.add_argument("--prometheus-url", default="http://127.0.0.1:9090",
+                    help="URL of the Prometheus datasource Grafana queries (from the Grafana server's side); "
+                         "default: %(default)s")
+    db.add_argument("--datasource-name", default="tide-prometheus",
+                    help="name of the datasource to create or update (uid tide-prometheus); default: %(default)s")
+    db.add_argument("--token-env", default="GRAFANA_TOKEN", metavar="NAME",
+                    help="environment variable holding the Grafana token; default: %(default)s")
+    db.add_argument("--timeout", type=float, default=10.0, help="seconds per HTTP request; default: %(default)s")
+    db.set_defaults(func=cmd_dashboards)
+
+
 # --------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     """The ``tide`` argument parser (one subparser per command)."""
@@ -677,6 +746,7 @@ def build_parser() -> argparse.ArgumentParser:
                                            "exits 2.")
     check.add_argument("path", metavar="PATH", help="model YAML (fields of ModelArgs, optional 'flavor')")
     check.set_defaults(func=cmd_config_check)
+    add_dashboards_parser(sub)
     return parser
 
 

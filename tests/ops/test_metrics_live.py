@@ -1,7 +1,8 @@
 """Metrics end to end: a real Prometheus scrapes Ray's metrics export ports while a short pipeline
 training job (2 racks, 2 stages, a loss spike with rollback, a traced step) and a Ray Serve
 deployment (completions, streaming, refused requests) run; every series of the catalogue
-(``cluster.metrics``) must reach Prometheus, with the values the job produced."""
+(``cluster.metrics``) must reach Prometheus, with the values the job produced, and every query of the
+Grafana dashboards (``deploy/dashboards.py``) must name scraped series and run on this Prometheus."""
 
 from __future__ import annotations
 
@@ -151,3 +152,22 @@ def test_serving_values_match_the_requests(live):
     # the server is idle now (its gauges are kept alive): nothing running or queued, no decode state held
     for gauge in ("running", "queued", "kv_state_bytes"):
         assert _value(prom, f"max(ray_tide_serve_{gauge}{{{m}}})") == 0, gauge
+
+
+def test_every_dashboard_query_names_a_scraped_series(live):
+    from deploy.dashboards import dashboards, queried_series, queries
+
+    models = dashboards()
+    queried = set().union(*(queried_series(m) for m in models.values()))
+    assert queried, "the dashboards query nothing"
+    missing = sorted(queried - live["names"])
+    assert not missing, f"dashboard queries name series Prometheus never scraped: {missing}"
+    # and Prometheus itself accepts every panel query, with Grafana's variables as Grafana would fill them in
+    values = {"$__rate_interval": "1m", "$run": "live", "$model": "tide-live"}
+    for model in models.values():
+        for where, q in queries(model):
+            if where.startswith("$"):
+                continue
+            for var, value in values.items():
+                q = q.replace(var, value)
+            live["prom"].query(q)  # raises on a 4xx (bad query); asserts status == success
