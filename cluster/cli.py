@@ -370,13 +370,17 @@ def cmd_serve(ns: argparse.Namespace) -> int:
         raise CLIError(f"--port must be in 1..65535, got {ns.port}")
     if ns.model_name is not None and not ns.model_name.strip():
         raise CLIError("--model-name must not be empty")
-    from deploy.serve import describe_api_key, read_api_key
+    from deploy.serve import KeyDigest, describe_api_key, read_api_key
 
     key_file = str(Path(ns.api_key_file).expanduser().resolve()) if ns.api_key_file else None
     try:
-        read_api_key(ns.api_key_env, key_file)  # an unreadable / empty key file fails here (named, never shown)
+        # read HERE (this shell's environment, this machine's file): a replica on a joined cluster sees
+        # neither; it gets a salted digest, never the key (an unreadable / empty file fails here, named)
+        api_key = read_api_key(ns.api_key_env, key_file)
     except ValueError as e:
         raise CLIError(str(e)) from None
+    key_digest = KeyDigest.of(api_key).text if api_key is not None else None
+    del api_key
     try:
         with socket.socket() as sock:  # the HTTP proxy binds here: fail now, not inside Serve
             sock.bind((ns.host, ns.port))
@@ -454,9 +458,10 @@ def cmd_serve(ns: argparse.Namespace) -> int:
             pass  # no Serve controller: ours will be the only one
         serve.start(http_options={"host": ns.host, "port": ns.port})
         try:
-            serve.run(build({"path": str(Path(ns.path).resolve()), "model_name": ns.model_name,
-                             "api_key_env": ns.api_key_env, "api_key_file": key_file, "topology": topology,
-                             "max_batch": ns.max_batch, "torch_threads": ns.threads}),
+            key_args = {"api_key_digest": key_digest} if key_digest is not None else \
+                {"api_key_env": None}  # no key: the replica does not look in its own environment either
+            serve.run(build({"path": str(Path(ns.path).resolve()), "model_name": ns.model_name, **key_args,
+                             "topology": topology, "max_batch": ns.max_batch, "torch_threads": ns.threads}),
                       name="tide", route_prefix="/")
         except RuntimeError as e:
             last = [ln for ln in str(e).splitlines() if ln.strip()][-1:]

@@ -46,7 +46,8 @@ def build_app(engine, *, api_key=None, max_body_bytes: int = MAX_BODY_BYTES, max
               request_timeout_s: float = REQUEST_TIMEOUT_S) -> FastAPI:
     """The FastAPI app serving ``engine`` (see module docstring).
 
-    ``api_key``: None (no key), the key, or a function returning it (read per request).
+    ``api_key``: None (no key), the key (``str``) or an object with ``matches(presented) -> bool``
+    (``deploy.serve.KeyDigest``), or a function returning one of those (read per request).
     ``max_queue``: requests admitted at once (running + waiting); more get a fast 503
     with ``Retry-After``. ``request_timeout_s``: a request still waiting or generating
     after that long is cancelled (408, or an error event when streaming) and its
@@ -66,7 +67,10 @@ def build_app(engine, *, api_key=None, max_body_bytes: int = MAX_BODY_BYTES, max
         if key is None:
             return
         scheme, _, got = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(got.strip().encode(), key.encode()):
+        got = got.strip()
+        ok = scheme.lower() == "bearer" and (key.matches(got) if hasattr(key, "matches")
+                                             else hmac.compare_digest(got.encode(), key.encode()))
+        if not ok:
             raise APIError(401, "missing or invalid API key (Authorization: Bearer <key>)", type="authentication_error")
 
     async def read_json(request: Request) -> object:

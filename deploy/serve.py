@@ -15,15 +15,21 @@ ray.util.get_current_placement_group(), bundle_offset=1)``). ``deploy/serve.yaml
 the same application for ``serve deploy``.
 
 The API key, when wanted, comes from a file (``api_key_file``: its first line) or else
-from the environment variable named by ``api_key_env`` (default ``TIDE_API_KEY``); only
-the file's path or the variable's name travel as deployment arguments, and the key is
-never logged, printed or put in an error message (:func:`read_api_key`). Ray's token auth
-does not cover Serve's HTTP port, so the app checks the key itself.
+from the environment variable named by ``api_key_env`` (default ``TIDE_API_KEY``), both
+read by the replica -- on its node, in its environment -- or, from ``tide serve``, as a
+salted digest (``api_key_digest``, :class:`KeyDigest`) of the key ``tide serve`` read
+where it runs: a replica on a joined cluster does not inherit that shell's environment.
+Only the file's path, the variable's name or the digest travel as deployment arguments,
+and the key is never logged, printed or put in an error message (:func:`read_api_key`).
+Ray's token auth does not cover Serve's HTTP port, so the app checks the key itself.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
+import secrets
 from pathlib import Path
 
 from ray import serve
@@ -48,10 +54,61 @@ class _Current:
 _app = build_app(_Current(), api_key=lambda: _Current.api_key)
 
 
-def read_api_key(api_key_env: str = "TIDE_API_KEY", api_key_file: str | None = None) -> str | None:
+class KeyDigest:
+    """A salted SHA-256 digest of an API key: what ``tide serve`` hands the replica instead of the
+    key, so the key never becomes a deployment argument (those show in Serve's config and the
+    Ray dashboard). Use high-entropy keys (e.g. ``secrets.token_urlsafe(32)``): a digest of a
+    guessable key can be brute-forced by whoever can read the deployment's arguments.
+
+    ``KeyDigest.of(key).text`` is ``"sha256:<salt hex>:<digest hex>"``; ``KeyDigest.parse(text)``
+    reads it back; ``matches(presented)`` compares in constant time.
+
+    Raises:
+        ValueError: ``parse`` of a malformed text (its shape is named, never its content).
+    """
+
+    def __init__(self, salt: bytes, digest: bytes):
+        self.salt, self.digest = salt, digest
+
+    @staticmethod
+    def _hash(salt: bytes, key: str) -> bytes:
+        return hashlib.sha256(salt + key.encode("utf-8")).digest()
+
+    @classmethod
+    def of(cls, key: str) -> KeyDigest:
+        salt = secrets.token_bytes(16)
+        return cls(salt, cls._hash(salt, key))
+
+    @classmethod
+    def parse(cls, text: str) -> KeyDigest:
+        parts = text.split(":") if isinstance(text, str) else []
+        try:
+            if len(parts) != 3 or parts[0] != "sha256":
+                raise ValueError
+            salt, digest = bytes.fromhex(parts[1]), bytes.fromhex(parts[2])
+            if len(salt) < 8 or len(digest) != 32:
+                raise ValueError
+        except ValueError:
+            raise ValueError("api_key_digest must be 'sha256:<salt hex>:<64 hex digits>' "
+                             "(made by deploy.serve.KeyDigest.of)") from None
+        return cls(salt, digest)
+
+    @property
+    def text(self) -> str:
+        return f"sha256:{self.salt.hex()}:{self.digest.hex()}"
+
+    def matches(self, presented: str) -> bool:
+        """Whether ``presented`` is the key (constant-time comparison of digests)."""
+        return hmac.compare_digest(self._hash(self.salt, presented), self.digest)
+
+    def __repr__(self) -> str:
+        return "KeyDigest(<hidden>)"
+
+
+def read_api_key(api_key_env: str | None = "TIDE_API_KEY", api_key_file: str | None = None) -> str | None:
     """The bearer key clients must send, or None (no key): from ``api_key_file`` when
     given (its first line, surrounding whitespace stripped), else from the environment
-    variable ``api_key_env`` (unset or empty: no key).
+    variable ``api_key_env`` (unset or empty: no key; None: not looked up).
 
     Errors name the file or the variable, never the key.
 
@@ -70,7 +127,7 @@ def read_api_key(api_key_env: str = "TIDE_API_KEY", api_key_file: str | None = N
         if not key:
             raise ValueError(f"API key file {p} is empty (put the key on its first line)")
         return key
-    return os.environ.get(api_key_env) or None
+    return (os.environ.get(api_key_env) or None) if api_key_env else None
 
 
 def describe_api_key(api_key_env: str = "TIDE_API_KEY", api_key_file: str | None = None) -> str:
@@ -83,8 +140,10 @@ def describe_api_key(api_key_env: str = "TIDE_API_KEY", api_key_file: str | None
 
 def load_replica(path: str, model_name: str | None = None, api_key_env: str = "TIDE_API_KEY", topology=None,
                  max_batch: int = 32, torch_threads: int | None = None, api_key_file: str | None = None,
-                 placement_group=None):
+                 placement_group=None, api_key_digest: str | None = None):
     """Load the engine and the API key into the module's app (``_app``): what a replica does at start.
+    ``api_key_digest`` (a :class:`KeyDigest` text), when given, is the key check and the file /
+    environment are not read.
 
     Also usable without Serve (tests drive ``_app`` with FastAPI's TestClient).
     """
@@ -94,7 +153,9 @@ def load_replica(path: str, model_name: str | None = None, api_key_env: str = "T
         import torch
 
         torch.set_num_threads(torch_threads)
-    _Current.api_key = read_api_key(api_key_env, api_key_file)  # before the (slow) load: a bad file fails fast
+    # before the (slow) load: a bad file fails fast
+    _Current.api_key = KeyDigest.parse(api_key_digest) if api_key_digest is not None else \
+        read_api_key(api_key_env, api_key_file)
     _Current.engine = load_engine(path, model_name=model_name, topology=topology, placement_group=placement_group,
                                   bundle_offset=1, max_batch=max_batch)
     return _app
@@ -107,11 +168,12 @@ class OpenAIServer:
 
     def __init__(self, path: str, model_name: str | None = None, api_key_env: str = "TIDE_API_KEY",
                  topology=None, max_batch: int = 32, torch_threads: int | None = None,
-                 api_key_file: str | None = None):
+                 api_key_file: str | None = None, api_key_digest: str | None = None):
         from ray.util import get_current_placement_group
 
         placement = get_current_placement_group() if topology is not None else None
-        load_replica(path, model_name, api_key_env, topology, max_batch, torch_threads, api_key_file, placement)
+        load_replica(path, model_name, api_key_env, topology, max_batch, torch_threads, api_key_file, placement,
+                     api_key_digest)
 
     def check_health(self):
         """Serve's replica health check: a failed engine (e.g. a dead stage actor) makes Serve replace the replica."""
@@ -146,13 +208,15 @@ def build(args: dict) -> serve.Application:
     """``serve run deploy.serve:build path=RUN_OR_CHECKPOINT [model_name=NAME] [api_key_env=VAR]
     [api_key_file=PATH] [topology=TOPOLOGY.yaml] [max_batch=N] [torch_threads=N]`` (``topology`` may
     also be a mapping, as in serve.yaml). ``api_key_file`` (readable on the replica's node) takes
-    precedence over ``api_key_env``; the key itself is never an argument.
+    precedence over ``api_key_env`` (read in the replica's environment); ``api_key_digest`` (a
+    :class:`KeyDigest` text, what ``tide serve`` passes) over both; the key itself is never an argument.
 
     Raises:
         ValueError: no ``path``, an unknown argument, a bad path / topology, or an
             unreadable / empty ``api_key_file`` (named; the key is never shown).
     """
-    allowed = {"path", "model_name", "api_key_env", "api_key_file", "topology", "max_batch", "torch_threads"}
+    allowed = {"path", "model_name", "api_key_env", "api_key_file", "api_key_digest", "topology", "max_batch",
+               "torch_threads"}
     unknown = sorted(set(args) - allowed)
     if unknown:
         raise ValueError(f"deploy.serve:build: unknown argument(s) {unknown}; allowed: {sorted(allowed)}")
@@ -165,6 +229,9 @@ def build(args: dict) -> serve.Application:
     if key_file is not None:
         key_file = str(Path(key_file).expanduser().resolve())
         read_api_key(api_key_file=key_file)  # fail fast; the replica reads it again (the key is not an argument)
+    digest = args.get("api_key_digest")
+    if digest is not None:
+        KeyDigest.parse(digest)  # malformed: fail here, not in the replica
     topology = args.get("topology")
     if topology is not None:
         from .loader import read_topology
@@ -179,7 +246,7 @@ def build(args: dict) -> serve.Application:
             raise ValueError(f"deploy.serve:build: {key} must be an integer >= 1, got {v!r}")
     threads = args.get("torch_threads")
     return dep.bind(args["path"], args.get("model_name"), args.get("api_key_env", "TIDE_API_KEY"), topology,
-                    int(args.get("max_batch", 32)), int(threads) if threads else None, key_file)
+                    int(args.get("max_batch", 32)), int(threads) if threads else None, key_file, digest)
 
 
 def serve_and_ask(path, topology, message: str, *, port: int | None = None, max_tokens: int = 64) -> dict:

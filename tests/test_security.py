@@ -791,3 +791,29 @@ def test_run_file_scan_sees_a_planted_token(run, tmp_path):
     info["env"] = {"RAY_AUTH_TOKEN": RAY_TOKEN}
     f.write_text(json.dumps(info))
     assert _leaks([RAY_TOKEN, API_KEY], f.read_bytes().decode("latin-1")) == [RAY_TOKEN]
+
+
+def test_key_digest_checks_the_key_without_holding_it():
+    """What `tide serve` hands the replica: a salted digest that checks keys, shows nothing of the key."""
+    from fastapi.testclient import TestClient
+
+    from deploy.app import build_app
+    from deploy.serve import KeyDigest
+
+    key = "tk-digest-canary-0123456789"
+    d = KeyDigest.of(key)
+    assert key not in d.text and key not in repr(d) and d.text.startswith("sha256:")
+    assert KeyDigest.of(key).text != d.text  # salted: the same key never gives the same text
+    back = KeyDigest.parse(d.text)
+    assert back.matches(key) and not back.matches(key + "x") and not back.matches("")
+    for bad in ("", "sha256:zz:00", "md5:00:" + "0" * 64, "sha256:0011223344556677:abcd", d.text + ":1"):
+        with pytest.raises(ValueError, match="api_key_digest must be") as e:
+            KeyDigest.parse(bad)
+
+    class Engine:  # the app only reads these attributes before the key check refuses
+        model_name, vocab_size, context, error, metrics = "m", 10, 16, None, None
+
+    client = TestClient(build_app(Engine(), api_key=back))
+    assert client.get("/v1/models").status_code == 401
+    assert client.get("/v1/models", headers={"Authorization": "Bearer nope"}).status_code == 401
+    assert client.get("/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code == 200

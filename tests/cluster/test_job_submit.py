@@ -303,3 +303,46 @@ def test_training_job_submitted_with_ray_job_submit(cluster):
         for never in (".venv", "runs", "dist", "cluster/secrets"):
             assert not (pkg / never).exists(), f"{never} was uploaded with the working dir"
         assert (pkg / "tests" / "cluster" / "job_tiny.yaml").is_file()
+
+
+def test_tide_serve_joining_the_cluster_checks_the_key_it_read(cluster):
+    """`tide serve` reads TIDE_API_KEY in the shell it runs in; the replica it starts on a joined cluster
+    runs in the raylet's environment, which has no such variable. The key must still be enforced (the
+    replica gets a salted digest, never the key) and never printed."""
+    import requests
+
+    from tests.deploy.util import write_tiny_hf
+
+    hf = cluster.root / "hf"
+    write_tiny_hf(hf, cluster.root / "tok")
+    key = "tk-" + secrets.token_urlsafe(24)
+    port = _free_ports(1)[0]
+    env = cluster.env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(cluster.token_file), TIDE_API_KEY=key,
+                      HOME=str(cluster.home))
+    assert "TIDE_API_KEY" not in cluster.node_env()  # the nodes never saw it
+    log = cluster.root / "serve.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([str(BIN / "tide"), "serve", str(hf), "--address", f"127.0.0.1:{cluster.gcs_port}",
+                                 "--port", str(port), "--threads", "1"], cwd=ROOT, env=env, stdout=out,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while "tide: serving" not in log.read_text(errors="replace"):
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.5)
+        url = f"http://127.0.0.1:{port}/v1/completions"
+        body = {"model": "hf", "prompt": "def f(x):", "max_tokens": 2, "temperature": 0}
+        assert requests.post(url, json=body, timeout=60).status_code == 401
+        assert requests.post(url, json=body, headers={"Authorization": "Bearer wrong"}, timeout=60).status_code == 401
+        r = requests.post(url, json=body, headers={"Authorization": f"Bearer {key}"}, timeout=120)
+        assert r.status_code == 200, r.text
+    finally:
+        proc.send_signal(signal.SIGINT)  # Ctrl-C: tide serve shuts Serve down on the cluster and exits
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    text = log.read_text(errors="replace")
+    assert "API key on (from $TIDE_API_KEY)" in text
+    assert key not in text
