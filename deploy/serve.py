@@ -268,12 +268,14 @@ def serve_and_ask(path, topology, message: str, *, port: int | None = None, max_
     serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config=quiet)
     try:
         t0 = time.monotonic()
-        serve.run(build({"path": str(path), "model_name": "tide", "topology": topology}), name="tide",
+        key = read_api_key()  # this process's TIDE_API_KEY; the replica gets its digest (see the module docstring)
+        key_args = {"api_key_digest": KeyDigest.of(key).text} if key else {"api_key_env": None}
+        serve.run(build({"path": str(path), "model_name": "tide", "topology": topology, **key_args}), name="tide",
                   route_prefix="/", logging_config=quiet)
         where = "on the stage actors" if topology is not None else "in the replica"
         print(f"tide: serving {path} {where} at http://127.0.0.1:{port}/v1 (started in "
               f"{time.monotonic() - t0:.1f} s); asking: {message!r}", flush=True)
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=os.environ.get("TIDE_API_KEY", "-"),
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key or "-",
                                max_retries=2, timeout=300)
         t0 = time.monotonic()
         stream = client.chat.completions.create(model="tide", messages=[{"role": "user", "content": message}],
