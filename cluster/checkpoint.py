@@ -481,7 +481,8 @@ def list_checkpoints(root: str | Path, good_only: bool = False) -> list[Path]:
     return [p for _, p in _committed(Path(root)) if not good_only or is_good(p)]
 
 
-def latest_checkpoint(root: str | Path, good_only: bool = False) -> Path | None:
+def latest_checkpoint(root: str | Path, good_only: bool = False,
+                      skipped: list[tuple[Path, str]] | None = None) -> Path | None:
     """The newest committed checkpoint that looks intact, or ``None``.
 
     A checkpoint looks intact when its manifest is valid and every listed file
@@ -492,6 +493,9 @@ def latest_checkpoint(root: str | Path, good_only: bool = False) -> Path | None:
     Args:
         root: checkpoint root (may not exist).
         good_only: only consider checkpoints marked with :func:`mark_good`.
+        skipped: when given, each damaged newer checkpoint is appended to it as
+            ``(path, first problem)`` instead of being warned about (for a caller that
+            reports it itself).
     """
     for _, path in reversed(_committed(Path(root))):
         if good_only and not is_good(path):
@@ -499,7 +503,10 @@ def latest_checkpoint(root: str | Path, good_only: bool = False) -> Path | None:
         problems = verify_checkpoint(path, hash_files=False)
         if not problems:
             return path
-        warnings.warn(f"skipping damaged checkpoint: {problems[0]}", stacklevel=2)
+        if skipped is not None:
+            skipped.append((path, problems[0]))
+        else:
+            warnings.warn(f"skipping damaged checkpoint: {problems[0]}", stacklevel=2)
     return None
 
 

@@ -276,13 +276,26 @@ def cmd_train(ns: argparse.Namespace) -> int:
 
 
 def cmd_export(ns: argparse.Namespace) -> int:
-    from cluster.trainer import export_hf
+    """``tide export RUN|CHECKPOINT OUT``: the checkpoint (a run's newest intact one) as an HF directory.
+    Names the exported step; a newer damaged checkpoint passed over is named with its problem, on one line."""
+    from cluster import checkpoint as ckpt
+    from cluster.trainer import export_hf, resolve_checkpoint
 
+    skipped: list[tuple[Path, str]] = []
     try:
-        out = export_hf(Path(ns.checkpoint), Path(ns.out))
+        src = resolve_checkpoint(ns.checkpoint, skipped=skipped)
+        out = export_hf(src, Path(ns.out))
     except ValueError as e:
         raise CLIError(str(e)) from None
-    print(f"exported {ns.checkpoint} -> {out}")
+    try:
+        step = f"step {ckpt.checkpoint_step(src)}"
+    except ValueError:  # a checkpoint directory under another name
+        step = "checkpoint"
+    for path, problem in skipped:
+        why = problem.removeprefix(f"checkpoint {path}: ").removeprefix(f"{path}{os.sep}")  # the path is named
+        print(f"tide: warning: skipped the newer step {ckpt.checkpoint_step(path)} ({path}), it is damaged: {why}; "
+              f"exported {step} instead", file=sys.stderr)
+    print(f"exported {step} ({src}) -> {out}")
     return 0
 
 
@@ -570,12 +583,21 @@ def cmd_dashboards(ns: argparse.Namespace) -> int:
                        f"pip install -e .): {e}") from None
     token = None
     if ns.push:
-        token = os.environ.get(ns.token_env, "")
+        token = os.environ.get(ns.token_env, "").strip()  # `$(cat token-file)` may keep a line break
         if not token:
             raise CLIError(f"--push needs a Grafana service-account token in the environment variable "
                            f"{ns.token_env} (Grafana: Administration > Users and access > Service accounts, add a "
                            "token; role Admin to create the datasource); it is read from there only, never from "
                            "arguments")
+        try:
+            dash.check_token(token)
+        except ValueError as e:
+            raise CLIError(f"${ns.token_env}: {e}") from None
+        try:  # before writing anything; the messages never show user info, and the token is masked anyway
+            dash.check_url(ns.push, "--push URL")
+            dash.check_url(ns.prometheus_url, "--prometheus-url")
+        except ValueError as e:
+            raise CLIError(dash.redact(str(e), token)) from None
     for path in dash.write_dashboards(ns.out):
         print(f"wrote {path}")
     if not ns.no_ray:
@@ -592,7 +614,7 @@ def cmd_dashboards(ns: argparse.Namespace) -> int:
             result = dash.push(ns.push, token, ns.prometheus_url, datasource_name=ns.datasource_name,
                                timeout=ns.timeout)
         except (ValueError, dash.PushError) as e:
-            raise CLIError(str(e)) from None
+            raise CLIError(dash.redact(str(e), token)) from None
         ds = result["datasource"]
         print(f"datasource {ds['name']!r} (uid {ds['uid']}) {ds['action']}: {ns.prometheus_url}")
         for d in result["dashboards"]:

@@ -22,7 +22,9 @@ A machine matches a map entry when the entry (an IP address or a host name,
 resolved) is one of the machine's interface addresses or its host name. A machine
 in no rack, or in two, is an error (exit 2, message on stderr), so that a node
 never joins the cluster without its label (placement by ``rack`` would then
-silently never use it).
+silently never use it). So is a rack map that does not list exactly the machines of
+``head_ip`` and ``worker_ips``, each once, or that lists a loopback entry
+(``localhost``, ``127.0.0.1``, ``::1``: an address of every machine, which would match them all).
 """
 
 from __future__ import annotations
@@ -32,13 +34,34 @@ import socket
 import sys
 from pathlib import Path
 
+#: names that mean "this machine" wherever they are resolved (RFC 6761 ``localhost``, Debian's IPv6 aliases)
+_LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"}
+
+
+def _is_loopback(host: str) -> bool:
+    """Whether ``host`` names the loopback (or unspecified) address on every machine: ``127.x.x.x``, ``::1``,
+    ``0.0.0.0``, ``::``, ``localhost`` (and ``*.localhost``)."""
+    import ipaddress
+
+    name = host.strip().lower().rstrip(".")
+    if name in _LOOPBACK_NAMES or name.endswith(".localhost"):
+        return True
+    try:
+        addr = ipaddress.ip_address(name.strip("[]"))
+    except ValueError:
+        return False
+    return addr.is_loopback or addr.is_unspecified
+
 
 def load_rack_map(source: str | Path | dict) -> dict[str, list[str]]:
     """``provider.racks`` of a cluster YAML (path or parsed dict), validated.
 
     Raises:
         ValueError: no ``provider.racks`` mapping, a rack name that cannot be a Ray label
-            value (``cluster.topology.RACK_NAME``), an empty rack, or a machine listed twice.
+            value (``cluster.topology.RACK_NAME``), an empty rack, a machine listed twice, a
+            loopback entry (``localhost``, ``127.0.0.1``, ``::1``: it would match every machine), or
+            a rack map whose machines are not exactly those of ``provider.head_ip`` and
+            ``provider.worker_ips`` (the missing and the extra ones are named).
     """
     from cluster.topology import RACK_NAME  # cheap: the start command should not import torch
 
@@ -69,10 +92,30 @@ def load_rack_map(source: str | Path | dict) -> dict[str, list[str]]:
         if not isinstance(hosts, list) or not hosts or not all(isinstance(h, str) and h.strip() for h in hosts):
             raise ValueError(f"{where}: provider.racks.{rack} must be a non-empty list of IPs or host names")
         for h in hosts:
+            if _is_loopback(h):
+                raise ValueError(f"{where}: provider.racks.{rack} lists {h!r}, a loopback address that every "
+                                 "machine has (so every machine would match it): list each machine by its "
+                                 "network IP or host name, as in provider.head_ip / worker_ips")
             if h in seen:
                 raise ValueError(f"{where}: machine {h} is listed in rack {seen[h]} and in rack {rack}")
             seen[h] = rack
         out[rack] = list(hosts)
+    provider = data.get("provider") or {}
+    head, workers = provider.get("head_ip"), provider.get("worker_ips")
+    if not isinstance(head, str) or not head.strip() or not isinstance(workers, list) \
+            or not all(isinstance(w, str) for w in workers):
+        raise ValueError(f"{where}: provider.head_ip (one IP or host name) and provider.worker_ips (a list of "
+                         "them) are needed: provider.racks must list exactly those machines")
+    machines = [head, *workers]
+    twice = sorted({m for m in machines if machines.count(m) > 1})
+    missing = [m for m in machines if m not in seen]
+    extra = [h for h in seen if h not in machines]
+    if twice or missing or extra:
+        why = [f"in no rack: {', '.join(dict.fromkeys(missing))}"] if missing else []
+        why += [f"not in provider.head_ip / worker_ips: {', '.join(extra)}"] if extra else []
+        why += [f"listed twice in provider.head_ip / worker_ips: {', '.join(twice)}"] if twice else []
+        raise ValueError(f"{where}: provider.racks must list each machine of provider.head_ip and "
+                         f"provider.worker_ips exactly once; {'; '.join(why)}")
     return out
 
 

@@ -439,8 +439,13 @@ class Trainer:
                 "latest_checkpoint": str(ckpt.latest_checkpoint(self.ckpt_root))}
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
+def resolve_checkpoint(path: str | Path, skipped: list[tuple[Path, str]] | None = None) -> Path:
     """A checkpoint directory, or a run directory's latest committed one.
+
+    Args:
+        path: a checkpoint directory or a run directory.
+        skipped: when given, the run's damaged newer checkpoints passed over are appended to it as
+            ``(path, problem)`` instead of being warned about (see ``ckpt.latest_checkpoint``).
 
     Raises:
         ValueError: a run directory without a committed checkpoint, or not a directory
@@ -452,7 +457,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if path.is_file():
         refuse_pickle(path, "allowed: a run directory or a tide checkpoint directory (safetensors + JSON)")
     if (path / "checkpoints").is_dir():
-        latest = ckpt.latest_checkpoint(path / "checkpoints")
+        latest = ckpt.latest_checkpoint(path / "checkpoints", skipped=skipped)
         if latest is None:
             damaged = ckpt.list_checkpoints(path / "checkpoints")
             problems = ckpt.verify_checkpoint(damaged[-1], hash_files=False) if damaged else []

@@ -113,6 +113,13 @@ def _rate(name: str, selector: str, by: tuple[str, ...], fn: str = "rate", windo
     return f"sum by ({_by(by)}) ({fn}({_sel(name, selector)}[{window}]))"
 
 
+def _or_zero(expr: str, selector: str, by: tuple[str, ...]) -> str:
+    """``expr`` or, for each series of ``by`` that ``expr`` lacks, 0 for every run that reports a step: a Ray
+    counter is exported only once it first increases (``ray.util.metrics.Counter.inc`` refuses 0), so a healthy
+    run's loss-spike and rollback counters do not exist and their panels would show "No data"."""
+    return f"{expr} or 0 * {_gauge('tide_train_step', selector, by)}"
+
+
 def _quantile(q: float, name: str, selector: str, by: tuple[str, ...]) -> str:
     return (f"histogram_quantile({q}, sum by ({_by(('le', *by))}) "
             f"(rate({_sel(name, selector, 'bucket')}[{_RATE}])))")
@@ -251,20 +258,21 @@ def training_dashboard(datasource_uid: str | None = None) -> Dashboard:
     d = d.with_panel(_ts(next(pid), "Loss spikes, rollbacks & checkpoints", "Events per interval "
                          "(increase of the counters): loss spikes (update skipped), rollbacks to an earlier "
                          "checkpoint, checkpoints committed.",
-                         [(_rate("tide_train_loss_spikes", s, by, fn="increase"), "{{run}} spikes"),
-                          (_rate("tide_train_rollbacks", s, by, fn="increase"), "{{run}} rollbacks"),
-                          (_rate("tide_train_checkpoints", s, by, fn="increase"), "{{run}} checkpoints")],
+                         [(_or_zero(_rate("tide_train_loss_spikes", s, by, fn="increase"), s, by), "{{run}} spikes"),
+                          (_or_zero(_rate("tide_train_rollbacks", s, by, fn="increase"), s, by), "{{run}} rollbacks"),
+                          (_or_zero(_rate("tide_train_checkpoints", s, by, fn="increase"), s, by),
+                           "{{run}} checkpoints")],
                          bars=True, min=0))
     d = d.with_panel(_ts(next(pid), "Anticipatory routing", "1 while steps route with the anticipatory "
                          "(early-parameter) router after a rollback, else 0.",
                          [(_gauge("tide_train_anticipatory_routing", s, by), "{{run}}")],
                          step=True, min=0, max=1, mappings={"0": "off", "1": "anticipatory"}))
     totals = "Counter totals of the running process (increase() misses a counter's first increment, so " \
-             "the totals are shown as they are)."
+             "the totals are shown as they are; 0 until the first event, when the counter is not exported yet)."
     for metric, title in (("tide_train_loss_spikes", "Loss spikes"), ("tide_train_rollbacks", "Rollbacks"),
                           ("tide_train_checkpoints", "Checkpoints")):
-        d = d.with_panel(_stat(next(pid), title, totals, [(f"sum by (run) ({_sel(metric, s)})", "{{run}}")],
-                               w=8))
+        d = d.with_panel(_stat(next(pid), title, totals,
+                               [(_or_zero(f"sum by (run) ({_sel(metric, s)})", s, ("run",)), "{{run}}")], w=8))
     return d
 
 
@@ -537,14 +545,86 @@ class PushError(RuntimeError):
 
 
 def _safe_url(url: str) -> str:
-    """``url`` without user info (``user:password@``)."""
+    """``url`` without user info (``user:password@``), query or fragment: safe to print."""
     from urllib.parse import urlsplit, urlunsplit
 
     parts = urlsplit(url)
     netloc = parts.hostname or ""
-    if parts.port is not None:
-        netloc += f":{parts.port}"
+    try:
+        if parts.port is not None:
+            netloc += f":{parts.port}"
+    except ValueError:  # a port that is not a number: left out
+        pass
     return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def check_url(url: str, what: str = "Grafana URL") -> None:
+    """Refuse ``url`` unless it is an http(s) URL with a host and without user info; the message shows the
+    URL without user info, query or fragment (``_safe_url``), never a credential.
+
+    Raises:
+        ValueError: another scheme, no host, or ``user:password@`` in the URL.
+    """
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{what} must be an http(s) URL with a host, e.g. http://127.0.0.1:3000; "
+                         f"got {_safe_url(url)!r}")
+    if "@" in parts.netloc:
+        raise ValueError(f"{what} {_safe_url(url)} carries user info (user:password@): not allowed, credentials "
+                         "go in the token's environment variable (GRAFANA_TOKEN, --token-env), never in a URL")
+
+
+def check_token(token: str) -> None:
+    """Refuse a Grafana token that cannot be one: empty, or with a character outside printable ASCII
+    (whitespace such as a trailing newline of ``$(cat file)``, a tab, a control character). The message
+    never contains the token.
+
+    Raises:
+        ValueError: as above.
+    """
+    if not token:
+        raise ValueError("an empty Grafana token")
+    bad = [i for i, c in enumerate(token) if not 33 <= ord(c) <= 126]
+    if bad:
+        raise ValueError(f"the Grafana token ({len(token)} characters) contains whitespace, control or non-ASCII "
+                         f"characters (at position(s) {', '.join(map(str, bad[:5]))}): a service-account token is "
+                         "one word of printable ASCII characters")
+
+
+def redact(text: str, secret: str, min_len: int = 8) -> str:
+    """``text`` with ``secret`` replaced by ``***`` in every form a message may carry it: as it is, its
+    ``repr`` / ``ascii`` escapes (``glsa_x\\n``), its bytes' escapes (``b'Bearer glsa_x\\n'``) and
+    percent-encoded, and any part of one of these at least ``min_len`` characters long (a fragment of a
+    truncated or split message). A secret shorter than ``min_len`` is matched whole only.
+    """
+    if not secret:
+        return text
+    from urllib.parse import quote
+
+    forms = {secret, repr(secret)[1:-1], ascii(secret)[1:-1], quote(secret, safe="")}
+    try:
+        forms.add(repr(secret.encode())[2:-1])
+    except UnicodeEncodeError:  # a lone surrogate: no bytes form
+        pass
+    masked = [False] * len(text)
+    for form in forms:
+        k = min(min_len, len(form))
+        grams = {form[i:i + k] for i in range(len(form) - k + 1)}
+        for i in range(len(text) - k + 1):
+            if text[i:i + k] in grams:
+                masked[i:i + k] = [True] * k
+    out, i = [], 0
+    while i < len(text):
+        if masked[i]:
+            while i < len(text) and masked[i]:
+                i += 1
+            out.append("***")
+        else:
+            out.append(text[i])
+            i += 1
+    return "".join(out)
 
 
 def datasource_payload(prometheus_url: str, name: str = DATASOURCE_NAME, uid: str = DATASOURCE_UID) -> dict:
@@ -568,8 +648,10 @@ def push(url: str, token: str, prometheus_url: str, *, datasource_name: str = DA
         "version"}]}``.
 
     Raises:
-        ValueError: ``url`` or ``prometheus_url`` is not an http(s) URL, or ``token`` is empty.
+        ValueError: ``url`` or ``prometheus_url`` is not an http(s) URL or carries user info (``check_url``),
+            or ``token`` is not a token (``check_token``).
         PushError: Grafana is unreachable, refuses the token (401), denies the operation (403) or fails.
+        Every message has the token masked (``redact``).
     """
     from urllib.parse import urlsplit
 
@@ -577,18 +659,18 @@ def push(url: str, token: str, prometheus_url: str, *, datasource_name: str = DA
     from grafana_client import GrafanaApi
     from grafana_client.client import GrafanaClientError, GrafanaException
 
-    for what, u in (("Grafana URL", url), ("Prometheus URL", prometheus_url)):
-        parts = urlsplit(u)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"{what} must be an http(s) URL with a host, e.g. http://127.0.0.1:3000; got {u!r}")
-    if not token:
-        raise ValueError("an empty Grafana token")
+    def clean(msg: str) -> str:
+        return redact(msg, token)
+
+    try:
+        check_url(url, "Grafana URL")
+        check_url(prometheus_url, "Prometheus URL")
+        check_token(token)
+    except ValueError as e:
+        raise ValueError(clean(str(e))) from None
     safe = _safe_url(url)
     base = safe if urlsplit(safe).path.endswith("/") or not urlsplit(safe).path else safe + "/"
     api = GrafanaApi.from_url(base, credential=token, timeout=timeout)
-
-    def clean(msg: str) -> str:
-        return msg.replace(token, "***")
 
     def lookup(fn, key):
         try:
@@ -626,4 +708,6 @@ def push(url: str, token: str, prometheus_url: str, *, datasource_name: str = DA
         else:
             msg = f"Grafana at {safe} failed: HTTP {e.status_code}: {e.message if hasattr(e, 'message') else e}"
         raise PushError(clean(msg)) from None
+    except Exception as e:  # anything else may quote the request (its headers): its message masked, no traceback
+        raise PushError(clean(f"uploading to Grafana at {safe} failed: {type(e).__name__}: {e}")) from None
     return {"datasource": ds, "dashboards": saved}

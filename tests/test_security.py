@@ -412,6 +412,35 @@ def test_tampered_latest_checkpoint_is_skipped_on_resume(run, tmp_path):
     assert not marker.exists()
 
 
+def test_tide_export_names_the_step_and_the_skipped_tampered_one(run, tmp_path, capsys):
+    """`tide export RUN OUT` with a tampered newest checkpoint exports the previous one and says so on one
+    line (the skipped step, its path and why; no Python warning); the final line names the exported step."""
+    import warnings
+
+    from cluster.cli import main
+
+    marker = tmp_path / "pwned"
+    dst = tmp_path / "export"
+    shutil.copytree(run.dir, dst)
+    cks = ckpt.list_checkpoints(dst / "checkpoints")
+    assert len(cks) >= 2
+    new, old = ckpt.checkpoint_step(cks[-1]), ckpt.checkpoint_step(cks[-2])
+    assert main(["export", str(dst), str(tmp_path / "ok")]) == 0  # intact: the newest, by step
+    assert capsys.readouterr().out.splitlines()[-1] == f"exported step {new} ({cks[-1]}) -> {tmp_path / 'ok'}"
+    write_evil(cks[-1] / "model.safetensors", marker)
+    _rewrite_manifest(cks[-1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a Python warning dump would fail here
+        assert main(["export", str(dst), str(tmp_path / "hf")]) == 0
+    out, err = capsys.readouterr()
+    assert out.splitlines()[-1] == f"exported step {old} ({cks[-2]}) -> {tmp_path / 'hf'}"
+    (line,) = err.splitlines()
+    assert line.startswith(f"tide: warning: skipped the newer step {new} ({cks[-1]}), it is damaged: "
+                           "model.safetensors: refused: it is a zip archive"), line
+    assert line.endswith(f"; exported step {old} instead") and "UserWarning" not in err
+    assert not marker.exists()
+
+
 def test_legitimate_files_still_load(run, hf_dir):
     """The refusals do not catch the files tide writes."""
     from cluster.pipeline_checkpoint import load_pipeline_full

@@ -401,6 +401,46 @@ def test_rack_label_finds_the_machines_rack(capsys):
         load_rack_map(bad)
 
 
+@pytest.mark.parametrize("loopback", ["localhost", "127.0.0.1", "127.0.1.1", "::1", "LocalHost.", "0.0.0.0"])
+def test_rack_map_refuses_loopback_entries(loopback, tmp_path, capsys):
+    """A loopback entry is an address of every machine: every node would match its rack."""
+    from cluster.rack_label import load_rack_map, main
+
+    cfg = load()
+    cfg["provider"]["racks"]["r1"].append(loopback)
+    with pytest.raises(ValueError, match=r"provider\.racks\.r1 lists .*a loopback address that every machine has"):
+        load_rack_map(cfg)
+    path = tmp_path / "cluster.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main([str(path), "--address", "10.0.1.10"]) == 2  # refused even for a machine listed correctly
+    assert "loopback" in capsys.readouterr().err
+
+
+def test_rack_map_lists_exactly_the_machines_of_head_ip_and_worker_ips():
+    from cluster.rack_label import load_rack_map
+
+    cfg = load()
+    cfg["provider"]["worker_ips"].append("10.0.2.10")  # a new machine not put in a rack
+    cfg["provider"]["racks"]["r1"].append("10.0.9.9")  # and a rack entry that is no machine
+    with pytest.raises(ValueError) as info:
+        load_rack_map(cfg)
+    msg = str(info.value)
+    assert "exactly once" in msg and "in no rack: 10.0.2.10" in msg, msg
+    assert "not in provider.head_ip / worker_ips: 10.0.9.9" in msg, msg
+    cfg = load()
+    cfg["provider"]["racks"]["r1"].remove("10.0.1.11")
+    with pytest.raises(ValueError, match=r"in no rack: 10\.0\.1\.11$"):
+        load_rack_map(cfg)
+    cfg = load()
+    cfg["provider"]["worker_ips"].append("10.0.0.10")  # the head again
+    with pytest.raises(ValueError, match=r"listed twice in provider.head_ip / worker_ips: 10\.0\.0\.10"):
+        load_rack_map(cfg)
+    cfg = load()
+    del cfg["provider"]["worker_ips"]
+    with pytest.raises(ValueError, match="provider.head_ip .* and provider.worker_ips .* are needed"):
+        load_rack_map(cfg)
+
+
 def test_rack_label_recognises_this_machine(tmp_path, capsys):
     """Without --address the helper matches the machine's own interface addresses (as on a node)."""
     import ipaddress
@@ -411,7 +451,8 @@ def test_rack_label_recognises_this_machine(tmp_path, capsys):
     if not mine:
         pytest.skip("no non-loopback address on this machine")
     cfg = load()
-    cfg["provider"]["racks"] = {"r0": ["10.255.255.1"], "r7": [mine[0]]}
+    cfg["provider"].update(racks={"r0": ["10.255.255.1"], "r7": [mine[0]]}, head_ip="10.255.255.1",
+                           worker_ips=[mine[0]])
     path = tmp_path / "cluster.yaml"
     path.write_text(yaml.safe_dump(cfg))
     assert main([str(path)]) == 0
@@ -445,7 +486,8 @@ def test_start_commands_run_under_bash_with_the_rack_label_and_token_mode(tmp_pa
     for f in venv_bin.iterdir():
         f.chmod(0o755)
     cfg = load()
-    cfg["provider"]["racks"] = {"r0": ["10.255.255.1"], "r5": [mine[0]]}
+    cfg["provider"].update(racks={"r0": ["10.255.255.1"], "r5": [mine[0]]}, head_ip="10.255.255.1",
+                           worker_ips=[mine[0]])
     (home / "tide-cluster.yaml").write_text(yaml.safe_dump(cfg))
     env = {"HOME": str(home), "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "RAY_HEAD_IP": "10.0.0.10",
            "PYTHONPATH": str(ROOT)}
@@ -461,8 +503,8 @@ def test_start_commands_run_under_bash_with_the_rack_label_and_token_mode(tmp_pa
     assert worker[:2] == ["RAY_AUTH_MODE=token", "start"] and "--address=10.0.0.10:6379" in worker
     assert "--labels=rack=r5" in worker
 
-    # a machine missing from the rack map does not start Ray at all
-    cfg["provider"]["racks"] = {"r0": ["10.255.255.1"]}
+    # a machine missing from the rack map (and the machine list) does not start Ray at all
+    cfg["provider"].update(racks={"r0": ["10.255.255.1"]}, worker_ips=[])
     (home / "tide-cluster.yaml").write_text(yaml.safe_dump(cfg))
     (home / "calls").unlink()
     r = subprocess.run(["bash", "-c", cfg["worker_start_ray_commands"][-1]], cwd=home, env=env, capture_output=True,

@@ -95,6 +95,39 @@ def test_every_query_names_only_catalogue_series_and_all_are_covered(models):
     assert any("histogram_quantile(0.9," in e and "ttft" in e for e in exprs)
 
 
+def test_event_counter_panels_show_zero_before_the_first_event(models, tmp_path):
+    """A Ray counter is exported only from its first increase, so on a healthy run the loss-spike and
+    rollback series do not exist: their panels must show 0 per run, not "No data". Evaluated by Prometheus's
+    own ``promtool test rules`` on synthetic series: a healthy run (step gauge only) and one with a spike."""
+    import shutil
+
+    import yaml
+
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool is not installed: `apt-get install prometheus` (Debian's package; .ci/run does)"
+    exprs = [q.replace("$run", ".*").replace("$__rate_interval", "2m") for _, q in dash.queries(models["tide-training"])
+             if any(c in q for c in ("loss_spikes", "rollbacks", "checkpoints"))]
+    assert len(exprs) == 6, exprs  # the events panel (3 queries) and the three totals
+    spiky = {"loss_spikes": 1, "rollbacks": 0, "checkpoints": 2}
+    tests = []
+    for expr in exprs:
+        total = "increase(" not in expr
+        metric = next(m for m in spiky if m in expr)
+        want = spiky[metric] if total else 0  # the counters are flat at the evaluation time
+        tests.append({"expr": expr, "eval_time": "10m",
+                      "exp_samples": [{"labels": '{run="healthy"}', "value": 0},
+                                      {"labels": '{run="spiky"}', "value": want}]})
+    series = [{"series": f'ray_tide_train_step{{run="{run}",WorkerId="w1"}}', "values": "0+1x20"}
+              for run in ("healthy", "spiky")]
+    series += [{"series": f'ray_tide_train_{m}_total{{run="spiky",WorkerId="w1"}}', "values": f"{n}x20"}
+               for m, n in spiky.items() if n]
+    path = tmp_path / "test.yaml"
+    path.write_text(yaml.safe_dump({"tests": [{"interval": "1m", "input_series": series,
+                                               "promql_expr_test": tests}]}))
+    r = subprocess.run([promtool, "test", "rules", str(path)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
 def test_series_names_come_from_the_catalogue():
     assert dash.series("tide_serve_ttft_seconds", "bucket") == "ray_tide_serve_ttft_seconds_bucket"
     assert dash.series("tide_train_tokens") == "ray_tide_train_tokens_total"
@@ -308,15 +341,27 @@ def test_push_errors_are_clear(fresh, tmp_path, capsys, monkeypatch):
     assert "must be an http(s) URL" in capsys.readouterr().err
 
 
+def _leaks(text: str, secret: str, min_len: int = 8) -> list[str]:
+    """Forms of ``secret`` found in ``text``: as it is, ``repr``/bytes-escaped, and any part of those
+    ``min_len`` characters long (a fragment is still a leak)."""
+    forms = {secret, repr(secret)[1:-1], repr(secret.encode())[2:-1]}
+    found = [f for f in forms if f in text]
+    for f in forms:
+        k = min(min_len, len(f))
+        found += [f[i:i + k] for i in range(len(f) - k + 1) if f[i:i + k] in text]
+    return found
+
+
 def test_the_token_never_appears_in_the_output(fresh, tmp_path):
     """The whole process's stdout and stderr (warnings always shown), for a push that succeeds, one with a
-    wrong token and one whose URL carries user info (dropped: the token authenticates)."""
+    wrong token, tokens with whitespace (a trailing line break is stripped; an embedded one or a tab refused,
+    never echoed), and URLs carrying credentials (refused, never echoed: the token authenticates)."""
 
     def run(token: str, url: str) -> subprocess.CompletedProcess:
         env = {**os.environ, "GRAFANA_TOKEN": token, "PYTHONWARNINGS": "always"}
         return subprocess.run([sys.executable, "-m", "cluster.cli", "dashboards", "--out", str(tmp_path),
-                               "--no-ray", "--push", url], cwd=ROOT, env=env, capture_output=True, text=True,
-                              timeout=120)
+                               "--no-ray", "--push", url, "--timeout", "5"], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=120)
 
     ok = run(TOKEN, fresh.url)
     assert ok.returncode == 0, ok.stderr
@@ -324,7 +369,41 @@ def test_the_token_never_appears_in_the_output(fresh, tmp_path):
     wrong = "glsa_wrong-0123456789"
     bad = run(wrong, fresh.url)
     assert bad.returncode == 2 and "401" in bad.stderr
-    userinfo = run(TOKEN, fresh.url.replace("http://", "http://admin:pw-secret@"))
-    assert userinfo.returncode == 0, userinfo.stderr
-    for r, secret in ((ok, TOKEN), (bad, wrong), (userinfo, TOKEN), (userinfo, "pw-secret")):
-        assert secret not in r.stdout + r.stderr
+    n = len(fresh.requests)
+    trailing = run(TOKEN + "\n", fresh.url)  # `export GRAFANA_TOKEN="$(cat file)"` style: stripped, works
+    assert trailing.returncode == 0, trailing.stderr
+    assert {r["authorization"] for r in fresh.requests[n:]} == {f"Bearer {TOKEN}"}
+    embedded, tab = "glsa_Secret-\n-0123456789abcdef", "glsa_Secret-\t-0123456789abcdef"
+    n = len(fresh.requests)
+    runs = [(ok, TOKEN), (bad, wrong), (trailing, TOKEN + "\n")]
+    for secret in (embedded, tab, embedded + "\n"):
+        r = run(secret, fresh.url)
+        assert r.returncode == 2 and "$GRAFANA_TOKEN: the Grafana token" in r.stderr, r.stderr
+        assert "whitespace, control or non-ASCII" in r.stderr and "printable ASCII" in r.stderr
+        runs.append((r, secret))
+    assert len(fresh.requests) == n  # refused before sending anything
+    for url, what in ((fresh.url.replace("http://", "http://admin:pw-secret-0123456789@"), "carries user info"),
+                      (fresh.url.replace("http://", f"https://{TOKEN}@"), "carries user info"),
+                      (f"gopher://u:{TOKEN}@grafana.example", "must be an http(s) URL")):
+        r = run(TOKEN, url)
+        assert r.returncode == 2 and what in r.stderr, r.stderr
+        runs += [(r, TOKEN), (r, "pw-secret-0123456789")]
+    assert len(fresh.requests) == n
+    for r, secret in runs:
+        assert not _leaks(r.stdout + r.stderr, secret), (secret, r.stdout, r.stderr)
+
+
+def test_redact_masks_every_form_and_fragment():
+    secret = "glsa_Secret-0123456789\n"
+    msg = (f"Invalid header value {('Bearer ' + secret).encode()!r}; {secret!r}; {ascii(secret)}; raw {secret}; "
+           f"cut glsa_Secret-01...; quoted glsa_Secret-0123456789%0A; other text stays")
+    out = dash.redact(msg, secret)
+    assert not _leaks(out, secret) and "glsa_Secret" not in out and "0123456789" not in out, out
+    assert out.startswith("Invalid header value b'Bearer ***'") and out.endswith("other text stays")
+    assert dash.redact("a 1234 b", "1234") == "a *** b"  # a short secret: matched whole
+    with pytest.raises(ValueError) as info:
+        dash.check_token("glsa_Sec\nret-0123456789")
+    assert "glsa" not in str(info.value) and "position(s) 8" in str(info.value)
+    with pytest.raises(ValueError, match="user info") as info:
+        dash.check_url("http://u:pw-secret@h:3000/x")
+    assert "pw-secret" not in str(info.value) and "http://h:3000/x" in str(info.value)
