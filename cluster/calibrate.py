@@ -10,12 +10,16 @@ measures, as Ray tasks/actors pinned with ``label_selector={"rack": ...}``:
 
 With the nccl-tests binaries (``--nccl-tests-dir``, ``$NCCL_TESTS_DIR`` or ``PATH``) the
 measurements are ``sendrecv_perf`` (through ``--launcher``, ``mpirun`` by default, one
-process on the first node of each rack) and ``all_reduce_perf`` / ``alltoall_perf``
+process on the first node of each rack; an empty launcher is refused, as one process on
+one node measures no inter-rack link) and ``all_reduce_perf`` / ``alltoall_perf``
 (one process driving every GPU of the rack's first node, ``-g <GPUs>``; racks of several
-nodes go through the launcher). Without them (CPU machines) a torch.distributed gloo probe
-measures the same three collectives between two processes (``comm.calibrate.gloo_probe``)
-and prints the same table. The fit and the files written are described in
-``comm.calibrate`` (``fit_link_model``, ``write_calibration``).
+nodes go through the launcher). A table that stops before the requested largest size
+is a failure (unless nccl-tests reduced its maxBytes). Without the binaries, or with
+``--method auto`` when a rack reports no GPU, a torch.distributed gloo probe measures the
+same three collectives between two processes (``comm.calibrate.gloo_probe``) and prints
+the same table. ``--out`` and ``--sizes`` are checked before anything is measured. The
+fit and the files written are described in ``comm.calibrate`` (``fit_link_model``,
+``write_calibration``).
 
 The nccl-tests binaries must sit at the same path on every node (a shared install).
 """
@@ -34,12 +38,18 @@ from comm.calibrate import (
     BINARIES,
     DEFAULT_GLOO_SIZES,
     DEFAULT_NCCL_SIZES,
+    GLOO_MEMORY_FRACTION,
     INTER_RACK_OPS,
     INTRA_RACK_OPS,
+    MAX_GLOO_SIZE,
+    MAX_NCCL_SIZE,
     CalibrationError,
     CalibrationTable,
+    check_out_path,
+    check_sweep,
     find_nccl_tests,
     fit_link_model,
+    gloo_max_bytes,
     nccl_tests_command,
     parse_sizes,
     render_fits,
@@ -47,9 +57,12 @@ from comm.calibrate import (
     write_calibration,
 )
 
-DEFAULT_OUT = "runs/calibration/link_model.yaml"
+# in the repository root, not under runs/: `ray job submit --working-dir .` skips runs/ (.gitignore,
+# .rayignore), so a training config pointing here still finds the file as a job
+DEFAULT_OUT = "calibration/link_model.yaml"
 DEFAULT_LAUNCHER = "mpirun -np {nprocs} -H {hosts}"
 PROBE_CPUS = 1  # logical CPUs per gloo probe process (a local simulated rack has 2)
+LOG_WIDTH = 10_000  # console width when stdout is not a terminal: tables are never cut (rich's default is 80)
 
 DESCRIPTION = (
     "Measure the links between racks (sendrecv) and within racks (all_reduce, alltoall) with NVIDIA nccl-tests "
@@ -64,20 +77,24 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The options of ``tide calibrate``."""
     p.add_argument("--out", default=DEFAULT_OUT, metavar="PATH",
                    help="link-model file to write (YAML; .json for JSON); the tables go to <stem>.tables.json "
-                        "beside it (default: %(default)s)")
+                        "beside it. For `ray job submit --working-dir .` keep it inside the uploaded directory "
+                        "(not under runs/) or on shared storage (default: %(default)s)")
     p.add_argument("--method", choices=("auto", "nccl-tests", "gloo"), default="auto",
-                   help="nccl-tests binaries, or the gloo probe; auto: nccl-tests when found (default: %(default)s)")
+                   help="nccl-tests binaries, or the gloo probe; auto: nccl-tests when found and every rack has a "
+                        "GPU, else gloo (default: %(default)s)")
     p.add_argument("--sizes", metavar="LIST",
                    help=f"message sizes in bytes, comma-separated, K/M/G = 1024^n (default: {DEFAULT_GLOO_SIZES} for "
                         f"gloo; {DEFAULT_NCCL_SIZES} for nccl-tests, which sweeps powers of two from the smallest "
-                        f"to the largest)")
+                        f"to the largest); at most 16G for nccl-tests, 1G and 1/{GLOO_MEMORY_FRACTION} of the "
+                        f"available memory for gloo")
     p.add_argument("--iters", type=int, default=20, help="timed iterations per size (default: %(default)s)")
     p.add_argument("--nccl-tests-dir", metavar="DIR",
                    help="directory of sendrecv_perf, all_reduce_perf, alltoall_perf (default: $NCCL_TESTS_DIR, "
                         "else found on PATH)")
     p.add_argument("--launcher", default=DEFAULT_LAUNCHER, metavar="CMD",
-                   help="prefix that starts a multi-node nccl-tests run, with {nprocs} and {hosts} "
-                        "(host:slots,...) filled in; '' runs the binary directly (default: %(default)r)")
+                   help="prefix that starts a multi-node nccl-tests run (inter-rack sendrecv: one process on each "
+                        "rack), with {nprocs} and {hosts} (host:slots,...) filled in; '' is refused when a run spans "
+                        "nodes, i.e. with two or more racks (default: %(default)r)")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, a local head, or simulated racks)")
     p.add_argument("--local-racks", type=int, default=2, metavar="N",
                    help="racks to simulate when there is no cluster to join (default: %(default)s)")
@@ -209,8 +226,15 @@ def _nccl_tables(link_class: str, racks: tuple[str, ...], ops: tuple[str, ...], 
     inter-rack: one process (one GPU) on the first node of each of the two racks, through
     the launcher. intra-rack: one process driving every GPU of the rack's node (``-g``),
     or, for a rack of several nodes, one process per GPU on every node through the launcher.
+
+    Raises:
+        CalibrationError: an empty ``launcher`` for a run that spans nodes.
+        NcclTestsError: a failed run, a table that stops before ``max(sizes)`` (see
+            ``check_sweep``), or an inter-rack table of fewer than 2 ranks.
     """
     import ray
+
+    from comm.nccl_tests import NcclTestsError
 
     if link_class == "inter-rack":
         hosts = [nodes[racks[0]][0], nodes[racks[1]][0]]
@@ -221,10 +245,11 @@ def _nccl_tables(link_class: str, racks: tuple[str, ...], ops: tuple[str, ...], 
         gpus_per_process = slots[0] if len(hosts) == 1 else 1
     prefix: list[str] = []
     if len(hosts) > 1 or link_class == "inter-rack":
-        if launcher.strip():
-            prefix = shlex.split(launcher.format(nprocs=sum(slots),
-                                                 hosts=",".join(f"{h['ip']}:{s}" for h, s in zip(hosts, slots,
-                                                                                                  strict=True))))
+        if not launcher.strip():
+            raise CalibrationError(_no_launcher(link_class, racks))
+        prefix = shlex.split(launcher.format(nprocs=sum(slots),
+                                             hosts=",".join(f"{h['ip']}:{s}" for h, s in zip(hosts, slots,
+                                                                                              strict=True))))
     num_gpus = hosts[0]["gpus"]  # reserve the launching node's GPUs so nothing else runs there meanwhile
     task = ray.remote(_run_command).options(num_cpus=1, num_gpus=num_gpus, label_selector={"rack": racks[0]})
     tables = []
@@ -232,8 +257,40 @@ def _nccl_tables(link_class: str, racks: tuple[str, ...], ops: tuple[str, ...], 
         argv = nccl_tests_command(directory, op, sizes, iters=iters, gpus_per_process=gpus_per_process,
                                   launcher=prefix)
         result, output = ray.get(task.remote(argv, timeout_s))  # NcclTestsError propagates as itself
+        check_sweep(result, sizes)
+        if link_class == "inter-rack" and 0 < result.n_ranks < 2:
+            raise NcclTestsError(f"{result.binary}: {result.n_ranks} rank (on {', '.join(result.hosts)}): the "
+                                 f"launcher did not start one process on each rack, so no inter-rack link was "
+                                 f"measured; --launcher must place one process per host it is given ({{hosts}})")
         tables.append(CalibrationTable(link_class, racks, op, "nccl-tests", result, raw_output=output))
     return tables
+
+
+def _no_launcher(link_class: str, racks: tuple[str, ...]) -> str:
+    what = ("sendrecv between racks " + " and ".join(racks) if link_class == "inter-rack"
+            else f"rack {racks[0]}'s nodes")
+    return (f"--launcher '' cannot measure {what}: without a launcher one process runs on one node, which measures "
+            f"no link between nodes; give a launcher that starts one process on each host of {{hosts}}, e.g. "
+            f"--launcher {DEFAULT_LAUNCHER!r} (the default), or use --method gloo")
+
+
+def _console():
+    """A rich console; when stdout is not a terminal (CI logs, `ray job logs`) one wide enough never to cut a table."""
+    from rich.console import Console
+
+    console = Console()
+    return console if console.is_terminal else Console(width=LOG_WIDTH)
+
+
+def _size_list(sizes: str | None, used: str) -> list[int]:
+    """``--sizes`` (None: the method's defaults) as bytes, bounded for the method (``parse_sizes``)."""
+    if used == "gloo":
+        limit = gloo_max_bytes()
+        why = (f"for the gloo probe (at most {MAX_GLOO_SIZE >> 30}G, and 1/{GLOO_MEMORY_FRACTION} of this host's "
+               f"available memory: each probe process holds two buffers of the size)")
+        return parse_sizes(DEFAULT_GLOO_SIZES if sizes is None else sizes, max_bytes=limit, limit=why)
+    return parse_sizes(DEFAULT_NCCL_SIZES if sizes is None else sizes, max_bytes=MAX_NCCL_SIZE,
+                       limit="for nccl-tests")
 
 
 # -------------------------------------------------------------------- driver
@@ -246,15 +303,16 @@ def calibrate(*, out: str | Path = DEFAULT_OUT, method: str = "auto", sizes: str
         ``{"link_model": path, "tables": path, "method": ..., "racks": [...], "fits": {class: {...}}}``.
 
     Raises:
-        ValueError: bad options, no rack-labelled nodes, nccl-tests forced but missing.
-        CalibrationError: figures that cannot make a link model (e.g. busbw 0).
+        ValueError: bad options (checked before connecting: ``--out`` not writable or a
+            directory, ``--sizes`` empty or too large), no rack-labelled nodes, nccl-tests
+            forced but missing.
+        CalibrationError: an empty launcher for a run across nodes; figures that cannot
+            make a link model (e.g. busbw 0).
         NcclTestsError: a failed nccl-tests run, named with its error.
     """
-    from rich.console import Console
-
     from comm.nccl_tests import NcclTestsError
 
-    console = console or Console()
+    console = console or _console()
     if method not in ("auto", "nccl-tests", "gloo"):
         raise ValueError(f"--method must be auto, nccl-tests or gloo, got {method!r}")
     if iters < 1:
@@ -266,8 +324,8 @@ def calibrate(*, out: str | Path = DEFAULT_OUT, method: str = "auto", sizes: str
             raise ValueError("--method nccl-tests: no nccl-tests binaries (sendrecv_perf, all_reduce_perf, "
                              "alltoall_perf) in --nccl-tests-dir, $NCCL_TESTS_DIR or on PATH")
     used = "nccl-tests" if directory is not None else "gloo"
-    size_list = parse_sizes(sizes or (DEFAULT_NCCL_SIZES if used == "nccl-tests" else DEFAULT_GLOO_SIZES))
-    out = Path(out)
+    size_list = _size_list(sizes, used)
+    out = check_out_path(out)  # before measuring: a bad --out must not cost a calibration
 
     import ray
 
@@ -278,6 +336,17 @@ def calibrate(*, out: str | Path = DEFAULT_OUT, method: str = "auto", sizes: str
         if not nodes:
             raise ValueError("no node of the Ray cluster carries a `rack` label: start the nodes with "
                              "`ray start --labels rack=<name>` (or run without --address to simulate racks)")
+        no_gpu = [r for r, ns in nodes.items() if not sum(n["gpus"] for n in ns)]
+        if used == "nccl-tests" and method == "auto" and no_gpu:
+            console.print(f"tide calibrate: nccl-tests found in {directory} but rack(s) {', '.join(no_gpu)} report "
+                          f"no GPU: --method auto uses the gloo probe (--method nccl-tests forces nccl-tests)")
+            used, directory = "gloo", None
+            size_list = _size_list(sizes, used)
+        if used == "nccl-tests" and not launcher.strip():
+            spanning = [("inter-rack", pair) for pair in itertools.combinations(nodes, 2)]
+            spanning += [("intra-rack", (r,)) for r, ns in nodes.items() if len(ns) > 1]
+            if spanning:
+                raise CalibrationError(_no_launcher(*spanning[0]))
         console.print(f"tide calibrate: {mode} Ray cluster; racks "
                       + ", ".join(f"{r} ({len(ns)} node(s), {sum(n['gpus'] for n in ns)} GPU(s))"
                                   for r, ns in nodes.items())

@@ -333,6 +333,17 @@ def cmd_plan(ns: argparse.Namespace) -> int:
     print(f"pipeline links (activations forward, gradients back): {len(pipe)} "
           f"({by_class['inter-rack']} inter-rack, {by_class['intra-rack']} intra-rack); expert all-to-all: "
           f"{P} group(s) of {E} shard(s), intra-rack")
+    if par.link_model is None:
+        print("link model: off (parallel.link_model: null): transfers are not delayed")
+    else:
+        from comm.link_model import LinkModel
+
+        # validated by load_train_config; "default" is the built-in classes
+        link = LinkModel() if par.link_model == "default" else LinkModel.from_file(par.link_model)
+        print(f"link model ({par.link_model}): every transfer held for latency + bytes / bandwidth")
+        for c, lc in link.classes.items():
+            print(f"  {c}: latency {lc.latency_s * 1e6:g} us, bandwidth {lc.bandwidth_Bps * 8 / 1e9:g} Gbit/s "
+                  f"(source: {link.source_of(c)})")
     unused = sorted(set(topo.racks) - {a.rack for a in graph.actors})
     if unused:
         print(f"note: rack(s) {unused} host no stage")

@@ -275,9 +275,16 @@ def _validate_parallel(cfg: TrainConfig, args) -> None:
         raise ValueError(f"parallel.schedule must be one of {sorted(SCHEDULES)}, got {par.schedule!r}")
     if par.trace_steps < 0:
         raise ValueError("parallel.trace_steps must be >= 0")
-    if par.link_model not in (None, "default") and not Path(par.link_model).is_file():
-        raise ValueError(f"parallel.link_model must be null, 'default' or a calibration file; "
-                         f"{Path(par.link_model).resolve()} does not exist")
+    if par.link_model not in (None, "default"):
+        if not Path(par.link_model).is_file():
+            raise ValueError(f"parallel.link_model must be null, 'default' or a calibration file; "
+                             f"{Path(par.link_model).resolve()} does not exist")
+        from comm.link_model import LinkModel
+
+        try:  # what the trainer will load: its contents fail here (the message names the file), not at run time
+            LinkModel.from_file(par.link_model)
+        except ValueError as e:
+            raise ValueError(f"parallel.link_model: {e}") from None
     for i, st in enumerate(cfg.curriculum):
         B = sequences_per_batch(st.batch_tokens, st.seq_len)
         per = E * par.microbatches

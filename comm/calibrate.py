@@ -50,6 +50,11 @@ DEFAULT_GLOO_SIZES = "4K,16K,64K,256K,1M,4M"
 DEFAULT_NCCL_SIZES = "8,1G"  # nccl-tests sweeps -b 8 -e 1G -f 2
 # the link model's bandwidth: median busbw of the largest rows, this many at most
 LARGE_ROWS = 3
+# the largest message size (bytes) accepted by --sizes: nccl-tests' buffers are per GPU; the gloo
+# probe's two float32 tensors per process live in host memory (see gloo_max_bytes)
+MAX_NCCL_SIZE = 16 << 30
+MAX_GLOO_SIZE = 1 << 30
+GLOO_MEMORY_FRACTION = 8  # gloo sizes up to available host memory / this (2 processes x 2 buffers, and slack)
 
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMG]?)(?:i?B)?\s*$", re.IGNORECASE)
 
@@ -58,12 +63,29 @@ class CalibrationError(ValueError):
     """Calibration cannot proceed or produced unusable figures (message says what and why)."""
 
 
-def parse_sizes(spec: str) -> list[int]:
+def _fmt_size(n: int) -> str:
+    """``17179869184`` -> ``"16G"`` (the largest K/M/G unit that divides it), else bytes."""
+    for unit, shift in (("G", 30), ("M", 20), ("K", 10)):
+        if n >= 1 << shift and n % (1 << shift) == 0:
+            return f"{n >> shift}{unit}"
+    return str(n)
+
+
+def parse_sizes(spec: str, *, max_bytes: int = MAX_NCCL_SIZE, limit: str = "") -> list[int]:
     """``"4K,64K,1M"`` -> bytes ``[4096, 65536, 1048576]`` (K/M/G are powers of 1024, as nccl-tests' -b/-e).
 
+    Args:
+        spec: comma-separated sizes.
+        max_bytes: the largest size allowed, bytes (default ``MAX_NCCL_SIZE``, 16 GiB).
+        limit: why ``max_bytes`` is the limit, for the error message.
+
     Raises:
-        ValueError: empty list, unreadable item or a size < 1.
+        ValueError: empty list, unreadable item, a size < 1 or > ``max_bytes`` (the message
+            names the size and the allowed range).
     """
+    if not spec.strip():
+        raise ValueError(f"--sizes: empty; give at least one size, e.g. 4K,64K,1M (bytes, K/M/G = 1024^n, "
+                         f"1 .. {_fmt_size(max_bytes)}), or leave the option out for the defaults")
     out = []
     for item in spec.split(","):
         m = _SIZE_RE.match(item)
@@ -72,10 +94,37 @@ def parse_sizes(spec: str) -> list[int]:
         n = int(m.group(1)) * 1024 ** " KMG".index((m.group(2) or " ").upper())
         if n < 1:
             raise ValueError(f"--sizes: sizes must be >= 1 byte, got {item.strip()!r}")
+        if n > max_bytes:
+            raise ValueError(f"--sizes: {item.strip()} ({n} B) is too large; allowed: 1 .. {_fmt_size(max_bytes)} "
+                             f"({max_bytes} B){' ' + limit if limit else ''}")
         out.append(n)
-    if not out:
-        raise ValueError("--sizes: give at least one size")
     return sorted(set(out))
+
+
+def available_memory() -> int | None:
+    """Bytes of memory this host can still give (/proc/meminfo ``MemAvailable``, else free pages); None if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def gloo_max_bytes(available: int | None = None) -> int:
+    """The largest ``--sizes`` entry for the gloo probe, bytes: ``MAX_GLOO_SIZE`` (1 GiB), and at
+    most ``available / GLOO_MEMORY_FRACTION`` of this host's available memory (``available``:
+    bytes, default :func:`available_memory`; unknown -> the 1 GiB cap alone), at least 4 KiB.
+    """
+    available = available_memory() if available is None else available
+    if available is None:
+        return MAX_GLOO_SIZE
+    return max(4096, min(MAX_GLOO_SIZE, available // GLOO_MEMORY_FRACTION))
 
 
 # --------------------------------------------------------------- gloo probe
@@ -247,6 +296,33 @@ def run_nccl_tests(argv: list[str], *, timeout_s: float = 1800.0) -> tuple[NcclT
     return result, output
 
 
+def check_sweep(result: NcclTestsResult, sizes: list[int]) -> None:
+    """Refuse a table that stops before the end of the requested sweep.
+
+    nccl-tests run with ``-b min(sizes) -e max(sizes) -f 2`` print sizes ``min * 2^k``
+    up to the requested maximum, or up to ``N`` when they print ``Reducing maxBytes to N``
+    (not enough device memory). The last row must be that sweep's last step (more than
+    half of it: nccl-tests rounds sizes down to whole elements per rank).
+
+    Raises:
+        NcclTestsError: the largest size printed is below the sweep's last step (both
+            sizes named), e.g. a table ending at 16 B when 1 GiB was asked for.
+    """
+    lo, hi = min(sizes), max(sizes)
+    cap = hi if result.reduced_max_bytes is None else min(hi, result.reduced_max_bytes)
+    end = lo
+    while end * 2 <= cap:
+        end *= 2
+    end = min(end, cap)
+    last = max(r.size_bytes for r in result.rows)
+    if last * 2 <= end:
+        why = (f"nccl-tests reduced maxBytes to {result.reduced_max_bytes}" if result.reduced_max_bytes is not None
+               else "nccl-tests printed no 'Reducing maxBytes' line")
+        raise NcclTestsError(f"{result.binary or 'nccl-tests'}: the table ends at {last} B but the sweep asked for "
+                             f"sizes up to {hi} B (last step {end} B; {why}): the run stopped early or is not the "
+                             f"command that was asked for")
+
+
 # -------------------------------------------------------------------- fitting
 @dataclass
 class CalibrationTable:
@@ -349,6 +425,67 @@ def fit_link_model(tables: list[CalibrationTable]) -> dict[str, LinkFit]:
     return fits
 
 
+def tables_path_of(out: str | Path) -> Path:
+    """Where :func:`write_calibration` puts the tables of link-model file ``out``: ``<stem>.tables.json`` beside it."""
+    out = Path(out)
+    return out.with_name(out.stem + ".tables.json")
+
+
+def check_out_path(out: str | Path) -> Path:
+    """Check, before measuring, that :func:`write_calibration` can write ``out`` and its tables file.
+
+    The nearest existing directory above ``out`` must be a directory this process can
+    create files in (tried with a probe file, removed again): a read-only directory, a
+    path under a file or /proc fail now, not after the measurement. Creates nothing.
+
+    Returns:
+        ``out`` as a Path.
+
+    Raises:
+        CalibrationError: empty path, ``out`` or its tables file is a directory, a parent
+            is a file, or the parent is not writable (the message names the path and why).
+    """
+    import tempfile
+
+    if not str(out).strip():
+        raise CalibrationError("--out: empty path; give the link-model file to write, e.g. "
+                               "calibration/link_model.yaml")
+    out = Path(out)
+    for target in (out, tables_path_of(out)):
+        if target.is_dir():
+            raise CalibrationError(f"--out {out}: {target} is a directory; give a file path (.yaml, or .json)")
+    base = out.absolute().parent
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    if not base.is_dir():
+        raise CalibrationError(f"--out {out}: {base} is not a directory, so nothing can be created under it")
+    try:
+        with tempfile.NamedTemporaryFile(dir=base, prefix=".tide-calibrate.", suffix=".probe"):
+            pass
+    except OSError as e:
+        raise CalibrationError(f"--out {out}: cannot create files in {base}: {e.strerror or e} (the directory of "
+                               f"--out must be writable, or creatable in a writable one)") from None
+    return out
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through ``<path>.tmp`` + rename; the temp file never stays behind.
+
+    Raises:
+        CalibrationError: the write or the rename failed (the message names the path).
+    """
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise CalibrationError(f"cannot write {path}: {e.strerror or e}") from None
+    finally:
+        if tmp.is_file():  # gone after a successful rename; after a failure it must not stay
+            tmp.unlink()
+
+
 def write_calibration(out: str | Path, fits: dict[str, LinkFit], tables: list[CalibrationTable],
                       meta: dict[str, Any] | None = None) -> tuple[Path, Path]:
     """Write the link-model file and the raw tables beside it.
@@ -362,22 +499,20 @@ def write_calibration(out: str | Path, fits: dict[str, LinkFit], tables: list[Ca
         ``(link_model_path, tables_path)``.
 
     Raises:
-        CalibrationError: no class could be fitted.
+        CalibrationError: no class could be fitted, or a file cannot be written (see
+            :func:`check_out_path` to find out before measuring).
     """
     import yaml
 
     if not fits:
         raise CalibrationError("nothing measured: no link class to write")
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = check_out_path(out)
     model = {cls: {"latency_us": round(f.latency_us, 3), "bandwidth_gbps": round(f.bandwidth_gbps, 6)}
              for cls, f in fits.items()}
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(model, indent=2) + "\n" if out.suffix == ".json"
-                   else yaml.safe_dump(model, sort_keys=False))
-    os.replace(tmp, out)
+    _write_atomic(out, json.dumps(model, indent=2) + "\n" if out.suffix == ".json"
+                  else yaml.safe_dump(model, sort_keys=False))
     LinkModel.from_file(out)  # what the trainer will do: fail here, not there
-    tables_path = out.with_name(out.stem + ".tables.json")
+    tables_path = tables_path_of(out)
     doc = {
         "meta": meta or {},
         "link_model": model,
@@ -391,9 +526,7 @@ def write_calibration(out: str | Path, fits: dict[str, LinkFit], tables: list[Ca
                     "fit": dict(zip(("latency_us", "busbw_GBps"), fit_table(t.result), strict=True)),
                     "result": t.result.to_dict(), "raw_output": t.raw_output} for t in tables],
     }
-    tmp = tables_path.with_name(tables_path.name + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=2) + "\n")
-    os.replace(tmp, tables_path)
+    _write_atomic(tables_path, json.dumps(doc, indent=2) + "\n")
     return out, tables_path
 
 

@@ -13,12 +13,23 @@ figures) replaces the defaults::
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 LINK_CLASSES = ("intra-rack", "inter-rack")
+
+
+def _finite(x) -> bool:
+    """A real number (not a bool) that is neither nan nor +-inf (nor an int beyond float range)."""
+    if not isinstance(x, (int, float)) or isinstance(x, bool):
+        return False
+    try:
+        return math.isfinite(x)
+    except OverflowError:  # an int too large for a float
+        return False
 
 
 @dataclass(frozen=True)
@@ -39,10 +50,19 @@ def _default_classes() -> dict[str, LinkClass]:
 
 @dataclass
 class LinkModel:
-    """Per-class link costs; ``delay`` sleeps for a transfer's modelled time when ``enabled``."""
+    """Per-class link costs; ``delay`` sleeps for a transfer's modelled time when ``enabled``.
+
+    ``sources``: where each class's figures came from (``"default"`` or the calibration
+    file / source name given to :meth:`from_dict`); a class not listed is the default.
+    """
 
     classes: dict[str, LinkClass] = field(default_factory=_default_classes)
     enabled: bool = False
+    sources: dict[str, str] = field(default_factory=dict)
+
+    def source_of(self, link_class: str) -> str:
+        """Where ``link_class``'s figures came from: ``"default"`` or the file that gave them."""
+        return self.sources.get(link_class, "default")
 
     def transfer_time(self, nbytes: int, link_class: str) -> float:
         """Modelled seconds to move ``nbytes`` over a ``link_class`` link.
@@ -73,11 +93,12 @@ class LinkModel:
         """Build from ``{class: {latency_us, bandwidth_gbps}}``; classes not given keep their defaults.
 
         Raises:
-            ValueError: unknown class or key, non-positive bandwidth, negative latency.
+            ValueError: unknown class or key, a figure that is not a finite number (a
+                boolean, a string, nan, inf), non-positive bandwidth, negative latency.
         """
         if not isinstance(data, dict):
             raise ValueError(f"{source}: expected a mapping of link classes")
-        classes = _default_classes()
+        classes, sources = _default_classes(), {}
         for name, spec in data.items():
             if name not in LINK_CLASSES:
                 raise ValueError(f"{source}: unknown link class {name!r}; allowed: {list(LINK_CLASSES)}")
@@ -86,10 +107,12 @@ class LinkModel:
             lat, bw = spec.get("latency_us", classes[name].latency_s * 1e6), spec.get("bandwidth_gbps")
             if bw is None:
                 bw = classes[name].bandwidth_Bps * 8 / 1e9
-            if not isinstance(lat, (int, float)) or lat < 0 or not isinstance(bw, (int, float)) or bw <= 0:
-                raise ValueError(f"{source}: {name}: latency_us must be >= 0 and bandwidth_gbps > 0, got {spec!r}")
+            if not (_finite(lat) and lat >= 0 and _finite(bw) and bw > 0):
+                raise ValueError(f"{source}: {name}: latency_us must be >= 0 and bandwidth_gbps > 0, both finite "
+                                 f"numbers (us, Gbit/s), got {spec!r}")
             classes[name] = LinkClass(float(lat) * 1e-6, float(bw) * 1e9 / 8)
-        return cls(classes, enabled)
+            sources[name] = source
+        return cls(classes, enabled, sources)
 
     @classmethod
     def from_file(cls, path: str | Path, *, enabled: bool = True) -> LinkModel:

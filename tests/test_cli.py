@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -203,3 +204,21 @@ def test_plan_prints_the_actor_graph_and_schedule(repo_root, tmp_path):
     assert "stage 0: F0 F1 B0 B1" in r.stdout and "simulated bubble" in r.stdout
     r = tide(repo_root, "plan", "configs/debug.yaml")
     assert r.returncode == 2 and "no `parallel` section" in r.stderr
+
+
+def test_plan_prints_and_checks_the_link_model(repo_root, tmp_path):
+    cfg = yaml.safe_load((Path(repo_root) / "configs" / "pipeline.yaml").read_text())
+    lm = tmp_path / "lm.yaml"
+    lm.write_text("inter-rack: {latency_us: 603.226, bandwidth_gbps: 6.651227}\n")
+    conf = tmp_path / "p.yaml"
+    conf.write_text(yaml.safe_dump({**cfg, "parallel": {**cfg["parallel"], "link_model": str(lm)}}))
+    r = tide(repo_root, "plan", str(conf))
+    assert r.returncode == 0, r.stderr
+    assert f"link model ({lm}):" in r.stdout
+    assert "  intra-rack: latency 5 us, bandwidth 400 Gbit/s (source: default)" in r.stdout
+    assert f"  inter-rack: latency 603.226 us, bandwidth 6.65123 Gbit/s (source: {lm})" in r.stdout
+    lm.write_text("inter-rack: {latency_us: .nan, bandwidth_gbps: 0}\n")
+    r = tide(repo_root, "plan", str(conf))
+    assert r.returncode == 2 and f"tide: error: parallel.link_model: {lm}: inter-rack: latency_us" in r.stderr
+    r = tide(repo_root, "plan", "configs/pipeline.yaml")  # link_model unset: off
+    assert "link model: off" in r.stdout

@@ -63,3 +63,23 @@ def test_bad_files(tmp_path):
     f.write_text("- a\n- b\n")
     with pytest.raises(ValueError, match="mapping"):
         load_train_config(f)
+
+
+@pytest.mark.parametrize("text,problem", [
+    ("inter-rack: {latency_us: -1, bandwidth_gbps: 100}\n", "latency_us must be >= 0"),
+    ("inter-rack: {latency_us: 20, bandwidth_gbps: 0}\n", "bandwidth_gbps > 0"),
+    ("inter-rack: {latency_us: .nan, bandwidth_gbps: 100}\n", "both finite numbers"),
+    ("intra-rack: {latency_us: 5, bandwidth_gbps: .inf}\n", "both finite numbers"),
+    ("spine: {latency_us: 5, bandwidth_gbps: 100}\n", "unknown link class 'spine'"),
+    ("!!python/object/apply:os.system [echo hi]\n", "cannot parse"),
+    ("", "expected a mapping"),
+])
+def test_link_model_contents_are_validated(tmp_path, text, problem):
+    """`parallel.link_model` is loaded as the trainer will load it: a bad file fails the config, naming it."""
+    f = tmp_path / "lm.yaml"
+    f.write_text(text)
+    cfg = {"curriculum": [STAGE], "parallel": {"topology": {"racks": ["r0"]}, "link_model": str(f)}}
+    with pytest.raises(ValueError, match=rf"^parallel\.link_model: {f}: .*{problem}"):
+        load_train_config(cfg)
+    f.write_text("inter-rack: {latency_us: 20, bandwidth_gbps: 100}\n")
+    assert load_train_config(cfg).parallel.link_model == str(f)

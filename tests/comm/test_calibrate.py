@@ -10,18 +10,27 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
+import subprocess
 from pathlib import Path
 
 import pytest
 
+from cluster import calibrate as cluster_calibrate
 from cluster import cli
+from comm import calibrate as comm_calibrate
 from comm.calibrate import (
+    MAX_GLOO_SIZE,
+    MAX_NCCL_SIZE,
     CalibrationError,
     CalibrationTable,
+    check_out_path,
+    check_sweep,
     find_nccl_tests,
     fit_link_model,
     fit_table,
+    gloo_max_bytes,
     nccl_tests_command,
     parse_sizes,
     run_nccl_tests,
@@ -35,14 +44,111 @@ from .test_nccl_tests import FAILURE, data_file
 ALLREDUCE = "allreduce_8gpu_1node_v2.17.8.txt"
 ALLTOALL = "alltoall_16gpu_2node_v2.17.6.txt"
 SENDRECV = "sendrecv_16gpu_2node_v2.17.8.txt"
+ALLREDUCE_8B = "allreduce_16gpu_2node_v2.13-2.16fmt.txt"  # 8 B .. 8 GiB, no 'Reducing maxBytes' line
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_parse_sizes():
     assert parse_sizes("4K, 1M,64K,4K") == [4096, 65536, 1 << 20]
     assert parse_sizes("8,1G") == [8, 1 << 30] and parse_sizes("2KiB") == [2048]
-    for bad in ("", "4X", "0", "-1K"):
+    assert parse_sizes("16G") == [MAX_NCCL_SIZE]  # the bound itself is allowed
+    for bad in ("", " ", "4X", "0", "-1K"):
         with pytest.raises(ValueError, match="--sizes"):
             parse_sizes(bad)
+    with pytest.raises(ValueError, match="--sizes: empty; give at least one size"):
+        parse_sizes("")
+    # far too large: a clear error naming the size and what is allowed, never an allocator crash later
+    for bad, n in (("1024G", 1 << 40), ("4K,99999999999999999999999", 99999999999999999999999), ("17G", 17 << 30)):
+        with pytest.raises(ValueError, match=rf"--sizes: \S+ \({n} B\) is too large; allowed: 1 \.\. 16G "
+                                             rf"\({MAX_NCCL_SIZE} B\)"):
+            parse_sizes(bad)
+    with pytest.raises(ValueError, match=r"allowed: 1 \.\. 1M \(1048576 B\) for the probe"):
+        parse_sizes("4K,2M", max_bytes=1 << 20, limit="for the probe")
+
+
+def test_gloo_max_bytes():
+    assert gloo_max_bytes(64 << 30) == MAX_GLOO_SIZE == 1 << 30  # 1 GiB at most
+    assert gloo_max_bytes(1 << 30) == 128 << 20  # 1/8 of the available memory
+    assert gloo_max_bytes(0) == 4096  # never below the smallest useful size
+    assert 4096 <= gloo_max_bytes() <= MAX_GLOO_SIZE
+
+
+def test_check_sweep():
+    """The table must reach the sweep's last step (min x 2^k <= max), or nccl-tests' own reduced maxBytes."""
+    full = parse_file(data_file(ALLREDUCE_8B))
+    check_sweep(full, [8, 8 << 30])
+    check_sweep(full, [8, (8 << 30) + 5])  # -e 8G+5: nccl-tests' last step is 8G
+    short = parse_file(data_file(ALLREDUCE_8B))
+    short.rows = short.rows[:2]  # 8, 16 B
+    with pytest.raises(NcclTestsError, match=r"the table ends at 16 B but the sweep asked for sizes up to "
+                                             r"1073741824 B \(last step 1073741824 B; nccl-tests printed no "
+                                             r"'Reducing maxBytes' line\)"):
+        check_sweep(short, [8, 1 << 30])
+    with pytest.raises(NcclTestsError, match=r"ends at 8589934592 B .* up to 17179869184 B"):
+        check_sweep(full, [8, 16 << 30])  # one step short is short too
+    a2a = parse_file(data_file(ALLTOALL))  # 32M .. 16G, no Reducing line
+    with pytest.raises(NcclTestsError, match=r"ends at 17179869184 B .* up to 68719476736 B"):
+        check_sweep(a2a, [32 << 20, 64 << 30])
+    # "# Reducing maxBytes to 26549638485 due to memory limitation": then the sweep ends at 16G
+    ar = parse_file(data_file(ALLREDUCE))
+    assert ar.reduced_max_bytes == 26549638485
+    check_sweep(ar, [32 << 20, 64 << 30])
+    ar.rows = ar.rows[:-1]
+    with pytest.raises(NcclTestsError, match=r"ends at 8589934592 B .* nccl-tests reduced maxBytes to 26549638485"):
+        check_sweep(ar, [32 << 20, 64 << 30])
+    # sizes rounded down to whole elements per rank (80 ranks x 8 B): 17179868160 is the 16G step
+    check_sweep(parse_file(data_file("allgather_80gpu_10node_v2.17.8.txt")), [32 << 20, 64 << 30])
+
+
+def test_check_out_path(tmp_path):
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "lm.tables.json").mkdir()
+    for bad, match in ((tmp_path / "dir", "is a directory"), (tmp_path / "lm.yaml", "lm.tables.json is a directory"),
+                       (tmp_path / "file" / "lm.yaml", "file is not a directory"),
+                       (tmp_path / "file" / "a" / "lm.yaml", "file is not a directory"),
+                       (Path("/proc/lm.yaml"), "cannot create files in /proc"), ("", "empty path")):
+        with pytest.raises(CalibrationError, match=f"--out.*{match}"):
+            check_out_path(bad)
+    before = sorted(tmp_path.rglob("*"))
+    assert check_out_path(tmp_path / "new" / "deeper" / "lm.yaml") == tmp_path / "new" / "deeper" / "lm.yaml"
+    assert sorted(tmp_path.rglob("*")) == before  # checks, creates nothing (the probe file is gone)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
+def test_check_out_path_read_only(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        with pytest.raises(CalibrationError, match="cannot create files in .*ro: Permission denied"):
+            check_out_path(ro / "sub" / "lm.yaml")
+    finally:
+        ro.chmod(0o755)
+
+
+def test_write_failure_leaves_no_temp_file(tmp_path, monkeypatch):
+    sr = parse_file(data_file(SENDRECV))
+    tables = [CalibrationTable("inter-rack", ("r0", "r1"), "sendrecv", "nccl-tests", sr)]
+
+    def fail(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(comm_calibrate.os, "replace", fail)
+    with pytest.raises(CalibrationError, match=r"cannot write .*lm.yaml: No space left on device"):
+        write_calibration(tmp_path / "lm.yaml", fit_link_model(tables), tables)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_default_out_is_uploaded_with_the_working_dir():
+    """`ray job submit --working-dir .` skips what .gitignore / .rayignore list: the default must not be there."""
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    for path in (cluster_calibrate.DEFAULT_OUT, str(comm_calibrate.tables_path_of(cluster_calibrate.DEFAULT_OUT))):
+        r = subprocess.run(["git", "-c", "core.excludesFile=.rayignore", "check-ignore", "--no-index", "-v", path],
+                           cwd=ROOT, capture_output=True, text=True)
+        assert r.returncode == 1, f"{path} is ignored (not uploaded with a job): {r.stdout}"
+    assert not Path(cluster_calibrate.DEFAULT_OUT).is_absolute()
 
 
 def test_fit_on_real_tables(tmp_path):
@@ -125,6 +231,44 @@ def test_find_nccl_tests(tmp_path, monkeypatch):
         find_nccl_tests()
 
 
+@pytest.mark.parametrize("args,match", [
+    (["--out", "{tmp}"], "is a directory"),
+    (["--out", "{tmp}/file/lm.yaml"], "file is not a directory"),
+    (["--out", "/proc/lm.yaml"], "cannot create files in /proc"),
+    (["--sizes", ""], "--sizes: empty"),
+    (["--sizes", "1024G"], r"1024G \(1099511627776 B\) is too large; allowed: 1 \.\. 16G"),
+    (["--sizes", "4K,99999999999999999999999"], "is too large; allowed: 1 .. 16G"),
+    (["--method", "gloo", "--sizes", "2G"], r"too large; allowed: 1 \.\. \S+ \(\d+ B\) for the gloo probe"),
+])
+def test_bad_options_fail_before_measuring(tmp_path, monkeypatch, capsys, args, match):
+    """A bad --out or --sizes is a usage error at once: no cluster joined, nothing measured, no file left."""
+    (tmp_path / "file").write_text("x")
+    d = fake_nccl_tests(tmp_path / "bin", {"sendrecv_perf": SENDRECV, "all_reduce_perf": ALLREDUCE,
+                                           "alltoall_perf": ALLTOALL})
+    monkeypatch.setenv("NCCL_TESTS_DIR", str(d))
+    monkeypatch.setattr(cluster_calibrate, "connect", lambda *a: pytest.fail("connected before checking options"))
+    before = sorted(tmp_path.rglob("*"))
+    argv = ["calibrate", *(a.format(tmp=tmp_path) for a in args)]
+    if "--out" not in args:
+        argv += ["--out", str(tmp_path / "lm.yaml")]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tide: error: ") and "Traceback" not in err
+    assert re.search(match, err), err
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_tables_are_not_cut_when_stdout_is_not_a_terminal(capsys):
+    """CI logs and `ray job logs` are no terminal: rich's 80 columns would print sizes as `10485…`."""
+    console = cluster_calibrate._console()
+    assert not console.is_terminal and console.width == cluster_calibrate.LOG_WIDTH
+    table = CalibrationTable("intra-rack", ("r0",), "all_reduce", "nccl-tests", parse_file(data_file(ALLREDUCE_8B)))
+    console.print(comm_calibrate.render_table(table))
+    out = capsys.readouterr().out
+    assert "…" not in out and "8589934592" in out and "2147483648" in out
+    assert max(len(line) for line in out.splitlines()) < 200  # natural width, not padded to LOG_WIDTH
+
+
 def test_forced_nccl_tests_without_binaries_is_a_usage_error(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("NCCL_TESTS_DIR", raising=False)
     monkeypatch.setenv("PATH", str(tmp_path))
@@ -159,17 +303,23 @@ def test_calibrate_gloo_on_two_racks(two_racks, tmp_path, capsys):
     assert "inter-rack r0<->r1 sendrecv" in printed and "busbw" in printed and "link model" in printed
 
 
+def fake_launcher(d: Path) -> str:
+    """A test double of mpirun: logs its arguments to calls.log and runs the command after ``-np N -H HOSTS``."""
+    _script(d / "launch", f'echo "launch $*" >> "{d}/calls.log"\nshift 4\nexec "$@"\n')
+    return f"{d}/launch -np {{nprocs}} -H {{hosts}}"
+
+
 def test_calibrate_nccl_tests_path_with_fake_binaries(two_racks, tmp_path, capsys):
     d = fake_nccl_tests(tmp_path / "bin", {"sendrecv_perf": SENDRECV, "all_reduce_perf": ALLREDUCE,
                                            "alltoall_perf": ALLTOALL})
     # the launcher spans the two racks' nodes for sendrecv; this one logs its arguments and runs the rest
-    _script(d / "launch", f'echo "launch $*" >> "{d}/calls.log"\nshift 4\nexec "$@"\n')
     out = tmp_path / "lm.json"
-    rc = cli.main(["calibrate", "--nccl-tests-dir", str(d), "--sizes", "32M,16G", "--iters", "5",
-                   "--launcher", f"{d}/launch -np {{nprocs}} -H {{hosts}}", "--out", str(out)])
+    rc = cli.main(["calibrate", "--method", "nccl-tests", "--nccl-tests-dir", str(d), "--sizes", "32M,16G",
+                   "--iters", "5", "--launcher", fake_launcher(d), "--out", str(out)])
     printed = capsys.readouterr().out
     assert rc == 0, printed
     assert "method nccl-tests" in printed
+    assert "17179869184" in printed and "…" not in printed  # full-width tables: stdout is no terminal here
     model = LinkModel.from_file(out)
     assert model.classes["inter-rack"].latency_s == pytest.approx(93681.5e-6)
     assert model.classes["inter-rack"].bandwidth_Bps == pytest.approx(45.87e9)
@@ -192,10 +342,65 @@ def test_calibrate_reports_a_failed_nccl_tests_run(two_racks, tmp_path, capsys):
     d = fake_nccl_tests(tmp_path / "bin", {"sendrecv_perf": SENDRECV, "all_reduce_perf": ALLREDUCE,
                                            "alltoall_perf": FAILURE})
     out = tmp_path / "lm.yaml"
-    rc = cli.main(["calibrate", "--method", "nccl-tests", "--nccl-tests-dir", str(d), "--launcher", "",
-                   "--out", str(out)])
+    rc = cli.main(["calibrate", "--method", "nccl-tests", "--nccl-tests-dir", str(d), "--sizes", "32M,16G",
+                   "--launcher", fake_launcher(d), "--out", str(out)])
     err = capsys.readouterr().err
     assert rc == 1
     assert ("tide: error: intra-rack r0: alltoall_perf failed: host1: Test CUDA failure common.cu:389 "
             "'an illegal memory access was encountered'") in err
     assert not out.exists() and not (tmp_path / "lm.tables.json").exists()
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_calibrate_refuses_an_empty_launcher_between_racks(two_racks, tmp_path, capsys):
+    """`--launcher ''` would run one sendrecv_perf process on one node and call it the inter-rack link."""
+    d = fake_nccl_tests(tmp_path / "bin", {"sendrecv_perf": SENDRECV, "all_reduce_perf": ALLREDUCE,
+                                           "alltoall_perf": ALLTOALL})
+    out = tmp_path / "lm.yaml"
+    rc = cli.main(["calibrate", "--method", "nccl-tests", "--nccl-tests-dir", str(d), "--sizes", "32M,16G",
+                   "--launcher", "", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "tide: error: --launcher '' cannot measure sendrecv between racks r0 and r1" in err
+    assert not (d / "calls.log").exists() and not out.exists()  # refused before running anything
+
+
+def _edit_output(name: str, keep) -> str:
+    """A real output with only the lines ``keep(line)`` accepts."""
+    return "".join(ln for ln in data_file(name).read_text().splitlines(keepends=True) if keep(ln))
+
+
+@pytest.mark.parametrize("case", ["short table", "one rank"])
+def test_calibrate_refuses_a_fake_inter_rack_table(two_racks, tmp_path, capsys, case):
+    """A table that stops before the largest size asked for, or one rank only, measured no inter-rack link."""
+    if case == "short table":  # 8 and 16 B only, footer kept: "finished", but far short of -e 1G
+        text = _edit_output(ALLREDUCE_8B, lambda ln: ln.startswith("#") or ln.split()[0] in ("8", "16"))
+        sizes, match = "8,1G", (r"tide: error: inter-rack r0<->r1: sendrecv_perf: the table ends at 16 B but the "
+                                r"sweep asked for sizes up to 1073741824 B")
+    else:  # what `sendrecv_perf -g 1` run directly prints: one rank on one host
+        text = _edit_output(SENDRECV, lambda ln: "Rank " not in ln or " Rank  0 " in ln)
+        sizes, match = "32M,16G", (r"tide: error: inter-rack r0<->r1: sendrecv_perf: 1 rank \(on host1\): "
+                                   r"the launcher did not start one process on each rack")
+    d = fake_nccl_tests(tmp_path / "bin", {"all_reduce_perf": ALLREDUCE, "alltoall_perf": ALLTOALL})
+    (tmp_path / "sendrecv.txt").write_text(text)
+    _script(d / "sendrecv_perf", f'cat "{tmp_path / "sendrecv.txt"}"\n')
+    out = tmp_path / "lm.yaml"
+    rc = cli.main(["calibrate", "--method", "nccl-tests", "--nccl-tests-dir", str(d), "--sizes", sizes,
+                   "--launcher", fake_launcher(d), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 1 and re.search(match, err), err
+    assert not out.exists()
+
+
+def test_calibrate_auto_uses_gloo_when_the_racks_have_no_gpu(two_racks, tmp_path, capsys):
+    """nccl-tests installed but no rack reports a GPU (these racks are CPU-only): auto falls back to gloo."""
+    d = fake_nccl_tests(tmp_path / "bin", {"sendrecv_perf": SENDRECV, "all_reduce_perf": ALLREDUCE,
+                                           "alltoall_perf": ALLTOALL})
+    out = tmp_path / "lm.yaml"
+    rc = cli.main(["calibrate", "--nccl-tests-dir", str(d), "--sizes", "4K", "--iters", "1",
+                   "--launcher", fake_launcher(d), "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert rc == 0, printed
+    assert "rack(s) r0, r1 report no GPU: --method auto uses the gloo probe" in printed and "method gloo" in printed
+    assert not (d / "calls.log").exists()  # no nccl-tests binary ran
+    assert json.loads((tmp_path / "lm.tables.json").read_text())["meta"]["method"] == "gloo"

@@ -35,10 +35,36 @@ def test_calibration_file_round_trip_and_delay(tmp_path):
     ({"inter-rack": {"latency_us": 1, "bandwidth_gbps": 0}}, "bandwidth_gbps > 0"),
     ({"inter-rack": {"lat": 1}}, "needs latency_us"),
     ([1, 2], "mapping"),
+    ({"inter-rack": {"latency_us": float("nan"), "bandwidth_gbps": 1}}, "both finite numbers"),
+    ({"inter-rack": {"latency_us": 1, "bandwidth_gbps": float("nan")}}, "both finite numbers"),
+    ({"inter-rack": {"latency_us": float("inf"), "bandwidth_gbps": 1}}, "both finite numbers"),
+    ({"inter-rack": {"latency_us": 1, "bandwidth_gbps": float("inf")}}, "both finite numbers"),
+    ({"inter-rack": {"latency_us": 1, "bandwidth_gbps": 10**400}}, "both finite numbers"),
+    ({"inter-rack": {"latency_us": True, "bandwidth_gbps": 1}}, "both finite numbers"),
+    ({"inter-rack": {"latency_us": "5", "bandwidth_gbps": 1}}, "both finite numbers"),
 ])
 def test_bad_calibrations(bad, match):
     with pytest.raises(ValueError, match=match):
         LinkModel.from_dict(bad)
+
+
+@pytest.mark.parametrize("text", ["inter-rack: {latency_us: .nan, bandwidth_gbps: 1}\n",
+                                  "inter-rack: {latency_us: 1, bandwidth_gbps: .inf}\n",
+                                  "inter-rack: {latency_us: -.inf, bandwidth_gbps: 1}\n"])
+def test_non_finite_yaml_is_refused(tmp_path, text):
+    f = tmp_path / "lm.yaml"
+    f.write_text(text)
+    with pytest.raises(ValueError, match=rf"{f}: inter-rack: latency_us must be >= 0 and bandwidth_gbps > 0, both "
+                                         rf"finite numbers"):
+        LinkModel.from_file(f)
+
+
+def test_sources(tmp_path):
+    assert LinkModel().source_of("inter-rack") == "default"
+    f = tmp_path / "lm.yaml"
+    f.write_text("inter-rack: {latency_us: 7, bandwidth_gbps: 9}\n")
+    lm = LinkModel.from_file(f)
+    assert lm.source_of("inter-rack") == str(f) and lm.source_of("intra-rack") == "default"
 
 
 def test_bad_queries(tmp_path):
