@@ -1,8 +1,9 @@
 """comm.nccl_tests: the parser against every real nccl-tests output in shared/data/nccl-tests/.
 
-The data lives beside the repository (``<checkout>/../shared/data/nccl-tests``: CI checks
-out main next to shared). A clone elsewhere points ``TIDE_SHARED_DIR`` at the shared
-directory. Missing data is a failure, never a skip.
+The data's source of truth lives beside the repository (``<checkout>/../shared/data/nccl-tests``,
+or ``$TIDE_SHARED_DIR/data/nccl-tests``); ``tests/comm/data/nccl-tests`` is a byte-identical copy
+so that a checkout anywhere runs these tests (a test keeps the two equal whenever both exist).
+Missing data is a failure, never a skip.
 
 The ``-J`` JSON fixtures are built from nccl-tests' own JSON writer (``src/util.cu``:
 ``jsonOutputInit``, ``writeDeviceReport``, ``writeBenchmarkLinePreamble`` /
@@ -25,7 +26,9 @@ import pytest
 from comm.nccl_tests import NcclTestsError, busbw_factor, nccl_version_string, parse_file, parse_json, parse_text
 
 SHARED = Path(os.environ.get("TIDE_SHARED_DIR") or Path(__file__).resolve().parents[3] / "shared")
-DATA = SHARED / "data" / "nccl-tests"
+SHARED_DATA = SHARED / "data" / "nccl-tests"
+VENDORED = Path(__file__).resolve().parent / "data" / "nccl-tests"  # the copy in the repository
+DATA = SHARED_DATA if SHARED_DATA.is_dir() else VENDORED
 FAILURE = "alltoall_16gpu_2node_v2.17.6_cuda-failure.txt"
 
 # Figures read off the files (and the README's table).
@@ -66,8 +69,7 @@ KNOWN_BINARY = {"allreduce_16gpu_2node_v2.13-2.16fmt.txt": "all_reduce_perf",
 
 
 def data_file(name: str) -> Path:
-    assert DATA.is_dir(), (f"nccl-tests test data not found at {DATA}: check out the shared directory beside the "
-                           f"repository (or set TIDE_SHARED_DIR)")
+    assert DATA.is_dir(), f"nccl-tests test data not found at {SHARED_DATA} nor {VENDORED}"
     p = DATA / name
     assert p.is_file(), f"missing test data file {p}"
     return p
@@ -301,3 +303,14 @@ def test_busbw_factor():
     assert busbw_factor("all_gather", 80) == 79 / 80
     with pytest.raises(ValueError, match="no busbw factor"):
         busbw_factor("hypercube_perf", 4)
+
+
+def test_the_vendored_copy_equals_the_shared_data():
+    """tests/comm/data/nccl-tests is the shared data, file for file, byte for byte (when shared/ is there)."""
+    names = sorted(p.name for p in VENDORED.iterdir())
+    assert len(names) >= 9 and "README.md" in names
+    if not SHARED_DATA.is_dir():
+        return  # a checkout without shared/: the copy is all there is
+    assert names == sorted(p.name for p in SHARED_DATA.iterdir())
+    for name in names:
+        assert (VENDORED / name).read_bytes() == (SHARED_DATA / name).read_bytes(), name
