@@ -29,3 +29,11 @@ def test_minimal_serving_benchmark_prints_the_figures(tmp_path):
         assert d["speedup_vs_hf"][c] > 0
     assert d["hf"]["completion_tokens"] == 8 and d["hf"]["output_tokens_per_s"] > 0
     assert d["target"]["speedup_at_8"] == 3.0
+
+
+def test_metrics_cost_benchmark_prints_its_figures():
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench_metrics.py"), "--tokens", "200"],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT))
+    assert out.returncode == 0, out.stderr[-3000:]
+    d = json.loads(out.stdout.strip().splitlines()[-1])
+    assert d["us_per_token"]["no_ray"] > 0 and d["us_per_token"]["ray"] > 0 and 0 < d["share_of_step"]["batch_1"] < 1
