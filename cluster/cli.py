@@ -379,6 +379,18 @@ def cmd_calibrate(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _serve_running() -> bool:
+    """Whether the connected Ray cluster already has a Serve controller (another ``tide serve`` or app)."""
+    import ray
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    try:
+        ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+    except ValueError:  # no such actor
+        return False
+    return True
+
+
 def cmd_serve(ns: argparse.Namespace) -> int:
     """``tide serve PATH``: the OpenAI-compatible endpoints under Ray Serve (blocks until Ctrl-C)."""
     import socket
@@ -443,6 +455,7 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     from deploy.serve import REPLICA_CPUS, build
 
     local = None
+    started = False
     need = cpus_per_rack(graph, {next(a.rack for a in graph.actors if a.stage == 0): REPLICA_CPUS}) if graph else {}
     try:
         if topology is not None and not (ns.address or os.environ.get("RAY_ADDRESS")):
@@ -473,13 +486,11 @@ def cmd_serve(ns: argparse.Namespace) -> int:
                                f"{' and a GPU per actor' if graph.gpus_per_actor else ''}; the nodes labelled "
                                f"rack=... offer {({r: c for r, c in have.items() if r})} CPUs (label nodes with "
                                f"`ray start --labels rack=<name>`)")
-        try:
-            ray.get_actor("SERVE_CONTROLLER_ACTOR", namespace="serve")
+        if _serve_running():
             raise CLIError("Ray Serve already runs on this cluster: tide serve would replace its applications and "
                            "HTTP options. Use another cluster, or add tide to that Serve with `serve deploy` / "
                            "`serve run deploy/serve.yaml`")
-        except ValueError:
-            pass  # no Serve controller: ours will be the only one
+        started = True  # from here on this process owns the cluster's Serve and shuts it down on the way out
         serve.start(http_options={"host": ns.host, "port": ns.port})
         try:
             key_args = {"api_key_digest": key_digest} if key_digest is not None else \
@@ -500,10 +511,11 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         pass
     finally:
-        try:
-            serve.shutdown()
-        except Exception:  # noqa: BLE001 - best effort on the way out
-            pass
+        if started:  # never shut down a Serve this process did not start (another tide serve's)
+            try:
+                serve.shutdown()
+            except Exception:  # noqa: BLE001 - best effort on the way out
+                pass
         ray.shutdown()
         if local is not None:
             local.shutdown()

@@ -308,7 +308,8 @@ def test_training_job_submitted_with_ray_job_submit(cluster):
 def test_tide_serve_joining_the_cluster_checks_the_key_it_read(cluster):
     """`tide serve` reads TIDE_API_KEY in the shell it runs in; the replica it starts on a joined cluster
     runs in the raylet's environment, which has no such variable. The key must still be enforced (the
-    replica gets a salted digest, never the key) and never printed."""
+    replica gets a salted digest, never the key) and never printed; a second `tide serve` on the same
+    cluster is refused instead of replacing the first (and its key)."""
     import requests
 
     from tests.deploy.util import write_tiny_hf
@@ -337,6 +338,13 @@ def test_tide_serve_joining_the_cluster_checks_the_key_it_read(cluster):
         assert requests.post(url, json=body, headers={"Authorization": "Bearer wrong"}, timeout=60).status_code == 401
         r = requests.post(url, json=body, headers={"Authorization": f"Bearer {key}"}, timeout=120)
         assert r.status_code == 200, r.text
+        # a second tide serve (without a key) on the same cluster must refuse, not replace the first one
+        second = subprocess.run([str(BIN / "tide"), "serve", str(hf), "--address", f"127.0.0.1:{cluster.gcs_port}",
+                                 "--port", str(_free_ports(1)[0])], cwd=ROOT, capture_output=True, text=True,
+                                env={k: v for k, v in env.items() if k != "TIDE_API_KEY"}, timeout=START_TIMEOUT_S)
+        assert second.returncode == 2 and "Ray Serve already runs on this cluster" in second.stderr, \
+            second.stdout[-2000:] + second.stderr[-2000:]
+        assert requests.post(url, json=body, timeout=60).status_code == 401  # the first still serves, key on
     finally:
         proc.send_signal(signal.SIGINT)  # Ctrl-C: tide serve shuts Serve down on the cluster and exits
         try:
