@@ -639,7 +639,7 @@ def cmd_dashboards(ns: argparse.Namespace) -> int:
         except (ValueError, dash.PushError) as e:
             raise CLIError(dash.redact(str(e), token)) from None
         ds = result["datasource"]
-        print(f"datasource {ds['name']!r} (uid {ds['uid']}) {ds['action']}: {ns.prometheus_url}")
+        print(f"datasource {ds['name']!r} (uid {ds['uid']}) {ds['action']}: {dash._safe_url(ns.prometheus_url)}")
         for d in result["dashboards"]:
             print(f"dashboard {d['uid']} saved (version {d['version']}): {d['url']}")
     return 0

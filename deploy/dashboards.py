@@ -569,8 +569,13 @@ def check_url(url: str, what: str = "Grafana URL") -> None:
 
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"{what} must be an http(s) URL with a host, e.g. http://127.0.0.1:3000; "
-                         f"got {_safe_url(url)!r}")
+        # not echoed: what is not a URL may be anything, a credential included
+        raise ValueError(f"{what} must be an http(s) URL with a host, e.g. http://127.0.0.1:3000 (the value given "
+                         "is not one; not shown)")
+    try:
+        parts.port  # noqa: B018 - urllib validates the port on access (ValueError: not a number, out of range)
+    except ValueError:
+        raise ValueError(f"{what} {parts.scheme}://{parts.hostname}: its port is not a number in 0..65535") from None
     if "@" in parts.netloc:
         raise ValueError(f"{what} {_safe_url(url)} carries user info (user:password@): not allowed, credentials "
                          "go in the token's environment variable (GRAFANA_TOKEN, --token-env), never in a URL")
@@ -698,7 +703,7 @@ def push(url: str, token: str, prometheus_url: str, *, datasource_name: str = DA
                                                 "message": "tide dashboards --push"})
             saved.append({"uid": r.get("uid", model["uid"]), "url": r.get("url"), "version": r.get("version")})
     except requests.exceptions.RequestException as e:
-        raise PushError(clean(f"cannot reach Grafana at {safe}: {type(e).__name__}: {e}")) from None
+        raise PushError(clean(f"cannot reach Grafana at {safe}: {type(e).__name__}")) from None
     except GrafanaException as e:
         if e.status_code == 401:
             msg = f"Grafana at {safe} refused the token (401 Unauthorized): check the token's value and expiry"
@@ -706,8 +711,10 @@ def push(url: str, token: str, prometheus_url: str, *, datasource_name: str = DA
             msg = (f"Grafana at {safe} denied the request (403 Forbidden): the token's service account needs "
                    "the Editor or Admin role (datasources need Admin)")
         else:
-            msg = f"Grafana at {safe} failed: HTTP {e.status_code}: {e.message if hasattr(e, 'message') else e}"
+            # the status only: a misbehaving server's body may echo the request (its Authorization header) in
+            # forms no masking can enumerate
+            msg = f"Grafana at {safe} failed: HTTP {e.status_code} (response body not shown)"
         raise PushError(clean(msg)) from None
     except Exception as e:  # anything else may quote the request (its headers): its message masked, no traceback
-        raise PushError(clean(f"uploading to Grafana at {safe} failed: {type(e).__name__}: {e}")) from None
+        raise PushError(clean(f"uploading to Grafana at {safe} failed: {type(e).__name__}")) from None
     return {"datasource": ds, "dashboards": saved}

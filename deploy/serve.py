@@ -108,7 +108,7 @@ class KeyDigest:
 def read_api_key(api_key_env: str | None = "TIDE_API_KEY", api_key_file: str | None = None) -> str | None:
     """The bearer key clients must send, or None (no key): from ``api_key_file`` when
     given (its first line, surrounding whitespace stripped), else from the environment
-    variable ``api_key_env`` (unset or empty: no key; None: not looked up).
+    variable ``api_key_env`` (surrounding whitespace stripped; unset or blank: no key; None: not looked up).
 
     Errors name the file or the variable, never the key.
 
@@ -127,14 +127,14 @@ def read_api_key(api_key_env: str | None = "TIDE_API_KEY", api_key_file: str | N
         if not key:
             raise ValueError(f"API key file {p} is empty (put the key on its first line)")
         return key
-    return (os.environ.get(api_key_env) or None) if api_key_env else None
+    return (os.environ.get(api_key_env, "").strip() or None) if api_key_env else None
 
 
 def describe_api_key(api_key_env: str = "TIDE_API_KEY", api_key_file: str | None = None) -> str:
     """Where the key comes from, for start-up messages (never the key itself)."""
     if api_key_file is not None:
         return f"on (from file {api_key_file})"
-    return f"on (from ${api_key_env})" if os.environ.get(api_key_env) else f"off (set {api_key_env} or " \
+    return f"on (from ${api_key_env})" if read_api_key(api_key_env) else f"off (set {api_key_env} or " \
                                                                           f"--api-key-file to require one)"
 
 

@@ -846,3 +846,12 @@ def test_key_digest_checks_the_key_without_holding_it():
     assert client.get("/v1/models").status_code == 401
     assert client.get("/v1/models", headers={"Authorization": "Bearer nope"}).status_code == 401
     assert client.get("/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code == 200
+
+
+def test_api_key_from_the_environment_is_stripped_and_blank_means_off(monkeypatch):
+    from deploy.serve import describe_api_key, read_api_key
+
+    monkeypatch.setenv("TIDE_API_KEY", "tk-key-0123456789\n")
+    assert read_api_key() == "tk-key-0123456789" and describe_api_key().startswith("on")
+    monkeypatch.setenv("TIDE_API_KEY", "   ")
+    assert read_api_key() is None and describe_api_key().startswith("off")

@@ -384,7 +384,10 @@ def test_the_token_never_appears_in_the_output(fresh, tmp_path):
     assert len(fresh.requests) == n  # refused before sending anything
     for url, what in ((fresh.url.replace("http://", "http://admin:pw-secret-0123456789@"), "carries user info"),
                       (fresh.url.replace("http://", f"https://{TOKEN}@"), "carries user info"),
-                      (f"gopher://u:{TOKEN}@grafana.example", "must be an http(s) URL")):
+                      (f"gopher://u:{TOKEN}@grafana.example", "must be an http(s) URL"),
+                      ("admin:pw-secret-0123456789@grafana:3000", "must be an http(s) URL"),  # no scheme
+                      ("http:/admin:pw-secret-0123456789@grafana:3000", "must be an http(s) URL"),
+                      ("http://127.0.0.1:99999", "its port is not a number in 0..65535")):  # not silently :80
         r = run(TOKEN, url)
         assert r.returncode == 2 and what in r.stderr, r.stderr
         runs += [(r, TOKEN), (r, "pw-secret-0123456789")]
