@@ -325,6 +325,11 @@ def calibrate(*, out: str | Path = DEFAULT_OUT, method: str = "auto", sizes: str
                              "alltoall_perf) in --nccl-tests-dir, $NCCL_TESTS_DIR or on PATH")
     used = "nccl-tests" if directory is not None else "gloo"
     size_list = _size_list(sizes, used)
+    if not Path(out).expanduser().is_absolute() and "runtime_resources" in os.getcwd():
+        raise ValueError(f"--out {str(out)!r} is relative and this job runs in Ray's temporary copy of its "
+                         f"working_dir ({os.getcwd()}): the file would be deleted with it. Pass an absolute path on "
+                         "storage you can read afterwards (or run tide calibrate on a node with --address), then "
+                         "put the file in the working dir you submit training jobs from")
     out = check_out_path(out)  # before measuring: a bad --out must not cost a calibration
 
     import ray

@@ -404,3 +404,15 @@ def test_calibrate_auto_uses_gloo_when_the_racks_have_no_gpu(two_racks, tmp_path
     assert "rack(s) r0, r1 report no GPU: --method auto uses the gloo probe" in printed and "method gloo" in printed
     assert not (d / "calls.log").exists()  # no nccl-tests binary ran
     assert json.loads((tmp_path / "lm.tables.json").read_text())["meta"]["method"] == "gloo"
+
+
+def test_a_relative_out_inside_a_ray_job_is_refused(tmp_path, monkeypatch, capsys):
+    """Run as a `ray job submit --working-dir .` job, a relative --out lands in Ray's temporary copy of the
+    working dir (deleted with it): refused before measuring, like tide train's relative storage_path."""
+    job_dir = tmp_path / "session_x" / "runtime_resources" / "working_dir_files" / "_ray_pkg_1"
+    job_dir.mkdir(parents=True)
+    monkeypatch.chdir(job_dir)
+    monkeypatch.setattr(cluster_calibrate, "connect", lambda *a: pytest.fail("connected before checking options"))
+    assert cli.main(["calibrate", "--method", "gloo", "--out", "calibration/lm.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert "is relative and this job runs in Ray's temporary copy" in err and not (job_dir / "calibration").exists()
