@@ -266,6 +266,24 @@ def _nccl_tables(link_class: str, racks: tuple[str, ...], ops: tuple[str, ...], 
     return tables
 
 
+def check_launcher(launcher: str) -> None:
+    """Check ``--launcher`` before connecting: it must split as a shell command line and use no
+    placeholder but ``{nprocs}`` and ``{hosts}`` (``{{``/``}}`` for literal braces).
+
+    Raises:
+        ValueError: naming ``--launcher`` and what is allowed.
+    """
+    try:
+        shlex.split(launcher.format(nprocs=2, hosts="host1,host2"))
+    except (KeyError, IndexError) as e:
+        used = f"{{{e.args[0]}}}" if isinstance(e, KeyError) else "a positional placeholder ({} or {0})"
+        raise ValueError(f"--launcher uses {used}; allowed: {{nprocs}} (processes), {{hosts}} (comma-separated "
+                         "host list), {{ and }} for literal braces") from None
+    except ValueError as e:  # an unclosed quote, or a lone brace in str.format
+        raise ValueError(f"--launcher is not a valid command line: {e}; placeholders allowed: {{nprocs}}, "
+                         "{hosts}") from None
+
+
 def _no_launcher(link_class: str, racks: tuple[str, ...]) -> str:
     what = ("sendrecv between racks " + " and ".join(racks) if link_class == "inter-rack"
             else f"rack {racks[0]}'s nodes")
@@ -331,6 +349,7 @@ def calibrate(*, out: str | Path = DEFAULT_OUT, method: str = "auto", sizes: str
                          "storage you can read afterwards (or run tide calibrate on a node with --address), then "
                          "put the file in the working dir you submit training jobs from")
     out = check_out_path(out)  # before measuring: a bad --out must not cost a calibration
+    check_launcher(launcher)
 
     import ray
 

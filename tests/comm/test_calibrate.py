@@ -239,9 +239,12 @@ def test_find_nccl_tests(tmp_path, monkeypatch):
     (["--sizes", "1024G"], r"1024G \(1099511627776 B\) is too large; allowed: 1 \.\. 16G"),
     (["--sizes", "4K,99999999999999999999999"], "is too large; allowed: 1 .. 16G"),
     (["--method", "gloo", "--sizes", "2G"], r"too large; allowed: 1 \.\. \S+ \(\d+ B\) for the gloo probe"),
+    (["--launcher", "mpirun -np {{nprocs}} -H {{hostz}}"], r"--launcher uses \{hostz\}; allowed: \{nprocs\}"),
+    (["--launcher", "mpirun -x 'A"], "--launcher is not a valid command line: No closing quotation"),
 ])
 def test_bad_options_fail_before_measuring(tmp_path, monkeypatch, capsys, args, match):
-    """A bad --out or --sizes is a usage error at once: no cluster joined, nothing measured, no file left."""
+    """A bad --out, --sizes or --launcher is a usage error at once: no cluster joined, nothing measured, no file
+    left."""
     (tmp_path / "file").write_text("x")
     d = fake_nccl_tests(tmp_path / "bin", {"sendrecv_perf": SENDRECV, "all_reduce_perf": ALLREDUCE,
                                            "alltoall_perf": ALLTOALL})
