@@ -53,7 +53,9 @@ def build_app(engine, *, api_key=None, max_body_bytes: int = MAX_BODY_BYTES, max
     after that long is cancelled (408, or an error event when streaming) and its
     decode state freed.
     """
-    app = FastAPI(title="tide", description="OpenAI-compatible completions served by tide")
+    # no /docs, /redoc, /openapi.json: they would answer without the API key (the API is OpenAI's, documented there)
+    app = FastAPI(title="tide", description="OpenAI-compatible completions served by tide", docs_url=None,
+                  redoc_url=None, openapi_url=None)
     admitted = [0]  # requests running or waiting in the engine
     admit_lock = threading.Lock()
     def reject(reason: str) -> None:

@@ -836,7 +836,7 @@ def test_key_digest_checks_the_key_without_holding_it():
     back = KeyDigest.parse(d.text)
     assert back.matches(key) and not back.matches(key + "x") and not back.matches("")
     for bad in ("", "sha256:zz:00", "md5:00:" + "0" * 64, "sha256:0011223344556677:abcd", d.text + ":1"):
-        with pytest.raises(ValueError, match="api_key_digest must be") as e:
+        with pytest.raises(ValueError, match="api_key_digest must be"):
             KeyDigest.parse(bad)
 
     class Engine:  # the app only reads these attributes before the key check refuses
@@ -855,3 +855,18 @@ def test_api_key_from_the_environment_is_stripped_and_blank_means_off(monkeypatc
     assert read_api_key() == "tk-key-0123456789" and describe_api_key().startswith("on")
     monkeypatch.setenv("TIDE_API_KEY", "   ")
     assert read_api_key() is None and describe_api_key().startswith("off")
+
+
+def test_the_app_serves_no_unauthenticated_docs():
+    """FastAPI's /docs, /redoc and /openapi.json would answer without the API key: they are off."""
+    from fastapi.testclient import TestClient
+
+    from deploy.app import build_app
+
+    class Engine:
+        model_name, vocab_size, context, error, metrics = "m", 10, 16, None, None
+
+    client = TestClient(build_app(Engine(), api_key="tk-docs-0123456789"))
+    for path in ("/docs", "/redoc", "/openapi.json"):
+        assert client.get(path).status_code == 404, path
+    assert client.get("/v1/models").status_code == 401
