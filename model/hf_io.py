@@ -19,8 +19,8 @@ import json
 import os
 import re
 import shutil
-import warnings
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch

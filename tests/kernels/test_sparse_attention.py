@@ -44,7 +44,8 @@ def test_attention_forward_with_the_kernel_matches_the_reference(layer_type, den
 
 
 def test_training_through_the_kernel_matches_the_reference():
-    """With gradients the layer backpropagates through the kernel: input and parameter gradients equal the reference's."""
+    """With gradients the layer backpropagates through the kernel: input and parameter gradients equal the
+    reference's."""
     att = _attention(CSA)
     x = torch.randn(1, 23, att.q_a_proj.in_features, generator=torch.Generator().manual_seed(2))
 
