@@ -27,6 +27,7 @@ from __future__ import annotations
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -291,15 +292,16 @@ class ServingMetrics(Recorder):
         self.gauge_interval = gauge_interval
         self._gauge_t = float("-inf")
 
-    def gauges(self, running: int, queued: int, kv_bytes: int, force: bool = False) -> None:
-        """Running / queued requests and decode-state bytes."""
+    def gauges(self, running: int, queued: int, kv_bytes: Callable[[], int], force: bool = False) -> None:
+        """Running / queued requests and decode-state bytes (``kv_bytes()`` is called only when the
+        gauges are due, not on every scheduler iteration)."""
         now = time.monotonic()
         if not force and now - self._gauge_t < self.gauge_interval:
             return
         self._gauge_t = now
         self.set("tide_serve_running", running)
         self.set("tide_serve_queued", queued)
-        self.set("tide_serve_kv_state_bytes", kv_bytes)
+        self.set("tide_serve_kv_state_bytes", kv_bytes())
 
     def rejected(self, reason: str) -> None:
         """A request refused before generation; ``reason`` one of ``REJECTION_REASONS``.

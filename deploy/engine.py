@@ -306,7 +306,7 @@ class Engine:
                     r.finished = True
                     self._put(r, e)
                     self.metrics.inc("tide_serve_requests", finish_reason="error")
-                self.metrics.gauges(0, 0, 0, force=True)
+                self.metrics.gauges(0, 0, lambda: 0, force=True)
                 return
 
     def _iteration(self) -> None:
@@ -350,7 +350,7 @@ class Engine:
                 self._emit(r, lg)
         with self._cv:
             running, queued = len(self._running), len(self._waiting) + len(self._inbox)
-        self.metrics.gauges(running, queued, self.backend.state_bytes(), force=not (running or queued))
+        self.metrics.gauges(running, queued, self.backend.state_bytes, force=not (running or queued))
 
     def _text(self, r: _Request) -> str:
         return self.tokenizer.decode(r.ids)
