@@ -1,4 +1,5 @@
-# tide: `make run` / `make test` set up .venv on first use.
+# tide: `make run` / `make test` set up .venv on first use; `make test` also installs the
+# system packages the tests use (scripts/system-packages.sh).
 #
 # torch is installed first and pinned to the local CPU wheel: letting pip resolve
 # torch from the project's range could pull a newer multi-GB CUDA build.
@@ -11,9 +12,14 @@ EXTRAS ?= test
 comma  := ,
 STAMP  := $(VENV)/.tide-installed-$(subst $(comma),-,$(EXTRAS))
 
-.PHONY: venv test run run-single bench clean-venv
+.PHONY: venv system-packages test run run-single bench clean-venv
 
 venv: $(STAMP)
+
+# System packages the tests use (Prometheus and promtool): installed with apt-get (sudo when
+# not root) if missing; a clear error naming the package where that is not possible.
+system-packages:
+	bash scripts/system-packages.sh
 
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -21,7 +27,7 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/pip install -e '.[$(EXTRAS)]'
 	touch $@
 
-test: venv
+test: venv system-packages
 	$(VENV)/bin/python -m pytest -q tests
 
 run: venv

@@ -14,12 +14,15 @@ into HF), run in float32 on the CPU with a fixed thread count. Measured:
 
 Method. Every (implementation, length) measurement runs in a fresh subprocess
 (this script re-invoked with a hidden ``--worker`` flag), so peak memory is the
-worker's own: the peak-RSS counter is reset right after model construction and
-``ru_maxrss`` read after the prefill; reported as ``*_peak_mb`` (peak minus the
-RSS after construction) and ``*_peak_abs_mb`` (absolute peak RSS of the
-process). Each worker has a wall-clock timeout. HF's attention materialises a
-dense ``[heads, S, S + S/m + S/m']`` float32 score matrix per layer, so HF runs
-are skipped (with the reason recorded) where ``4 live copies`` of it would pass
+worker's own: the kernel's peak-RSS mark (``VmHWM``) is reset right after model
+construction, read at once (the baseline) and again after the prefill; reported as
+``*_peak_mb`` (the growth of that one high-water mark, so never negative; the raw
+difference is kept as ``peak_raw_mb`` in the worker's record and is clamped at 0 only
+if the kernel's approximate RSS counters ever make it dip below) and
+``*_peak_abs_mb`` (absolute peak RSS of the process). Each worker has a
+wall-clock timeout. HF's attention materialises a dense
+``[heads, S, S + S/m + S/m']`` float32 score matrix per layer, so HF runs are
+skipped (with the reason recorded) where ``4 live copies`` of it would pass
 ``--hf-mem-limit-gb``. HF prefill is called with ``logits_to_keep=1`` (as ours
 computes only the last position's logits), which only helps HF.
 
@@ -101,7 +104,19 @@ def _reset_peak_rss() -> bool:
 
 
 def _peak_rss_mb() -> float:
-    """Peak RSS of this process since start or the last reset, MiB (ru_maxrss is KiB on Linux)."""
+    """Peak RSS (``VmHWM``) of this process since start or the last reset, MiB.
+
+    ``VmHWM`` is the counter ``clear_refs`` resets; ``ru_maxrss`` is not a substitute, as it also
+    holds the pre-exec high-water mark of the forking parent. Falls back to ``ru_maxrss`` (KiB on
+    Linux) where ``/proc`` is missing.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -230,9 +245,11 @@ def run_worker(spec: dict) -> dict:
     res: dict = {"impl": impl, "tokens": S, "build_s": time.perf_counter() - t0, "parity_max_abs": parity,
                  "model_code": _model_fingerprint()}
     gc.collect()
-    base = _rss_mb()
-    res["rss_after_build_mb"] = base
+    res["rss_after_build_mb"] = _rss_mb()
     res["peak_reset"] = _reset_peak_rss()
+    # The baseline is the same high-water mark as the peak read after the prefill (not the current
+    # RSS from statm, whose counters lag it by up to a few hundred KiB): peak - base >= 0.
+    base = _peak_rss_mb()
 
     g = torch.Generator().manual_seed(spec["seed"] + S)
     warm = torch.randint(0, args.vocab_size, (1, min(WARMUP_TOKENS, S)), generator=g)
@@ -251,7 +268,8 @@ def run_worker(spec: dict) -> dict:
     res["prefill_other_cores"] = _other_cores(c0, c1)
     peak = _peak_rss_mb()
     res["peak_abs_mb"] = peak
-    res["peak_mb"] = peak - base
+    res["peak_raw_mb"] = peak - base
+    res["peak_mb"] = max(0.0, peak - base)
     res["state_alloc_bytes"] = _tensor_storage_bytes(state if impl == "ours" else state.layers)
     if impl == "ours":
         from model.cache_bytes import cache_bytes

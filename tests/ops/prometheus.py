@@ -1,4 +1,5 @@
-"""A real Prometheus server for the tests (Debian's ``prometheus`` package; ``.ci/run`` installs it).
+"""A real Prometheus server for the tests (Debian's ``prometheus`` package, which ``make test``
+installs through ``scripts/system-packages.sh``).
 
 Ray's ``ray metrics launch-prometheus`` downloads Prometheus and fails offline, so the
 tests start the distribution's binary themselves, scraping every Ray node's metrics
@@ -27,7 +28,7 @@ def prometheus_binary() -> str:
     exe = shutil.which("prometheus")
     if exe is None:
         raise RuntimeError("the Prometheus server is not installed: `apt-get install prometheus` "
-                           "(Debian's package; .ci/run installs it)")
+                           "(Debian's package; `make test` installs it through scripts/system-packages.sh)")
     return exe
 
 

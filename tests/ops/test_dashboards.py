@@ -104,7 +104,8 @@ def test_event_counter_panels_show_zero_before_the_first_event(models, tmp_path)
     import yaml
 
     promtool = shutil.which("promtool")
-    assert promtool, "promtool is not installed: `apt-get install prometheus` (Debian's package; .ci/run does)"
+    assert promtool, ("promtool is not installed: `apt-get install prometheus` "
+                      "(Debian's package; `make test` installs it through scripts/system-packages.sh)")
     exprs = [q.replace("$run", ".*").replace("$__rate_interval", "2m") for _, q in dash.queries(models["tide-training"])
              if any(c in q for c in ("loss_spikes", "rollbacks", "checkpoints"))]
     assert len(exprs) == 6, exprs  # the events panel (3 queries) and the three totals
