@@ -1,4 +1,5 @@
-"""``StageGroup``: start the ``StageWorker`` actors of an ``ActorGraph`` on their racks (issue 4).
+"""Start the ``StageWorker`` actors of an ``ActorGraph`` on their racks (``StageGroup``), or its one
+worker in this process (``LocalGroup``, a 1 x 1 graph without Ray).
 
 Placement: one placement group with one bundle per actor (``{"CPU":
 cpus_per_actor}``, plus GPUs when asked) and ``bundle_label_selector`` =
@@ -11,11 +12,22 @@ mismatch is an error. Then rank 0 opens the TCP store, every actor joins the
 torch.distributed group and builds its stage.
 
 Nodes get their label with ``ray start --labels rack=r0`` (cluster YAML:
-``resources``/``labels`` per node type); locally, ``cluster.local_racks``
-starts one labelled raylet per rack.
+``resources``/``labels`` per node type); locally, ``cluster.launch.local_racks``
+starts one labelled raylet per rack. A graph whose actors name no rack (a
+one-process run) is placed on any node.
+
+Actors are named ``<prefix>/stage<s>-shard<e>`` (e.g. ``tide/pipeline/stage1-shard0``:
+run ``pipeline``), the name the Ray dashboard's actor view shows.
+
+Both groups answer ``call(method, *args)`` (every worker, results in rank order),
+``put(obj)`` (an object to pass to every worker: ``ray.put`` or the object itself)
+and ``shutdown()``; a worker lost mid-call raises ``ray.exceptions.RayActorError``
+(``StageGroup``) or :class:`ActorDied` (``LocalGroup``).
 """
 
 from __future__ import annotations
+
+import os
 
 import ray
 from ray.util.placement_group import placement_group as _placement_group
@@ -29,6 +41,15 @@ class PlacementError(RuntimeError):
     """The actor graph could not be placed on racks as the topology asks."""
 
 
+class ActorDied(RuntimeError):
+    """A ``LocalGroup`` worker failed the way an actor process dies (``crash``): restartable."""
+
+
+def actor_name(prefix: str, stage: int, ep_rank: int) -> str:
+    """``<prefix>/stage<stage>-shard<ep_rank>``: what a stage actor is called in the Ray dashboard."""
+    return f"{prefix}/stage{stage}-shard{ep_rank}"
+
+
 def bundle_specs(graph) -> list[dict]:
     """One placement-group bundle per actor of ``graph`` (CPUs, plus a GPU when the graph asks)."""
     return [{"CPU": graph.cpus_per_actor, **({"GPU": graph.gpus_per_actor} if graph.gpus_per_actor else {})}
@@ -39,8 +60,9 @@ class StageGroup:
     """The running actors of one ``ActorGraph``; ``call(method, *args)`` runs a method on all of them.
 
     Args:
-        graph: ``cluster.topology.ActorGraph``.
+        graph: ``cluster.launch.topology.ActorGraph``.
         model_args: ``ModelArgs.to_dict()``.
+        name: actor-name prefix (``actor_name``), e.g. ``"tide/<run>"``; None: unnamed actors.
         worker_kwargs: passed to every ``StageWorker`` (seed, microbatches, waves, ...).
         placement_timeout_s: how long to wait for the racks to have room.
         placement_group: an existing placement group to start the actors in (e.g. a Serve
@@ -52,7 +74,7 @@ class StageGroup:
     """
 
     def __init__(self, graph, model_args: dict, *, placement_timeout_s: float = 120.0, setup_timeout_s: float = 300.0,
-                 placement_group=None, bundle_offset: int = 0, **worker_kwargs):
+                 placement_group=None, bundle_offset: int = 0, name: str | None = None, **worker_kwargs):
         self.graph = graph
         self.failed = False
         n = len(graph.actors)
@@ -62,9 +84,7 @@ class StageGroup:
         ready, _ = ray.wait([self.pg.ready()], timeout=placement_timeout_s)
         if not ready:
             remove_placement_group(self.pg)
-            from cluster.topology import cpus_per_rack
-
-            need = cpus_per_rack(graph)
+            need = graph.cpus_per_rack()
             have = {}
             for node in ray.nodes():
                 if node.get("Alive"):
@@ -77,11 +97,12 @@ class StageGroup:
         self.actors = [
             Remote.options(num_cpus=graph.cpus_per_actor, num_gpus=graph.gpus_per_actor,
                            scheduling_strategy=PlacementGroupSchedulingStrategy(
-                               self.pg, placement_group_bundle_index=i))
+                               self.pg, placement_group_bundle_index=i),
+                           **({"name": actor_name(name, a.stage, a.ep_rank)} if name else {}))
             .remote(graph, a.rank, model_args, **worker_kwargs)
             for i, a in enumerate(graph.actors, start=bundle_offset)]
         self.placements = ray.get([w.placement.remote() for w in self.actors])
-        wrong = [p for p in self.placements if p["rack"] != p["expected_rack"]]
+        wrong = [p for p in self.placements if p["expected_rack"] is not None and p["rack"] != p["expected_rack"]]
         if wrong:
             self.shutdown()
             raise PlacementError(f"stage actors started on the wrong rack: {wrong}")
@@ -106,6 +127,14 @@ class StageGroup:
             raise
         return ray.get(refs)
 
+    def put(self, obj):
+        """``ray.put(obj)``: one copy in the object store for every actor to read."""
+        return ray.put(obj)
+
+    def crash_last(self) -> None:
+        """Kill the last actor's process (tests of the restart path); the next ``call`` raises."""
+        self.actors[-1].crash.remote()
+
     def call_async(self, method: str, *args, **kwargs) -> list:
         return [getattr(w, method).remote(*args, **kwargs) for w in self.actors]
 
@@ -120,6 +149,55 @@ class StageGroup:
             ray.kill(w)
         if self.own_pg:
             remove_placement_group(self.pg)
+
+
+class LocalGroup:
+    """The one ``StageWorker`` of a 1 x 1 graph, in this process: a run without Ray.
+
+    Same interface as ``StageGroup``; the worker joins a one-process gloo group on a
+    free local port and runs torch on ``int(cpus_per_actor)`` threads (what Ray gives an
+    actor of that size). ``call("crash")`` raises :class:`ActorDied`.
+
+    Raises:
+        ValueError: the graph has more than one actor.
+    """
+
+    def __init__(self, graph, model_args: dict, *, name: str | None = None, **worker_kwargs):
+        import socket
+
+        import torch
+
+        if len(graph.actors) != 1:
+            raise ValueError(f"an in-process run is the 1 x 1 actor graph; this topology has {len(graph.actors)} "
+                             f"actors (start them on Ray instead)")
+        self.graph = graph
+        self.failed = False
+        torch.set_num_threads(max(1, int(graph.cpus_per_actor)))
+        self.worker = StageWorker(graph, 0, model_args, **worker_kwargs)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.info = [self.worker.setup("127.0.0.1", port)]
+        spec = graph.actors[0]
+        self.placements = [{"rank": 0, "stage": spec.stage, "ep_rank": spec.ep_rank, "expected_rack": spec.rack,
+                            "rack": spec.rack, "node_id": "in-process", "host": socket.gethostname(),
+                            "pid": os.getpid(), "name": name and actor_name(name, spec.stage, spec.ep_rank)}]
+        self.actors = [self.worker]
+
+    def put(self, obj):
+        return obj
+
+    def crash_last(self) -> None:
+        raise ActorDied("the in-process stage worker failed (injected)")
+
+    def call(self, method: str, *args, **kwargs) -> list:
+        return [getattr(self.worker, method)(*args, **kwargs)]
+
+    def call_async(self, method: str, *args, **kwargs) -> list:
+        return self.call(method, *args, **kwargs)
+
+    def shutdown(self) -> None:
+        self.worker.shutdown()
 
 
 def pipeline_generate(group: StageGroup, input_ids, max_new_tokens: int, chunk_size: int = 2048):

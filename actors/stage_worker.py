@@ -1,9 +1,10 @@
-"""``StageWorker``: the actor that owns one pipeline stage's expert shard (issue 4).
+"""``StageWorker``: the actor that owns one pipeline stage's expert shard.
 
 One actor per (stage, expert shard) of the ``ActorGraph``. It holds its layer
 slice (embedding on the first stage, head + MTP on the last), its share of every
 MoE layer's experts, its optimizer state (Muon + AdamW over exactly those
-parameters) and -- for serving, next issue -- its decode state. Logic lives in
+parameters), the routing cached for anticipatory routing and, when serving, the
+decode states of its sequences. A one-process run is one such worker holding everything. Logic lives in
 ``model.stage`` (what the stage computes) and ``comm`` (how stages talk); this
 class wires them together and exposes coarse methods the driver calls on all
 actors at once (``actors.group.StageGroup``).
@@ -27,9 +28,11 @@ from comm.trace import Tracer
 from comm.transport import build_mesh
 from model import ModelArgs, Transformer
 from model import optim as optim_lib
+from model.inputs import check_tokens
+from model.losses import LossConfig
 from model.optim import CombinedOptimizer, OptimConfig
 from model.stage import PipelineStage, is_expert_param
-from model.training import LossConfig, set_attention_mode
+from model.training import set_attention_mode
 
 OPTIM_PREFIX = "optim/"
 
@@ -38,7 +41,7 @@ class StageWorker:
     """One (stage, expert shard) of the actor graph.
 
     Args:
-        graph: the ``cluster.topology.ActorGraph``.
+        graph: the ``cluster.launch.topology.ActorGraph``.
         rank: this actor's rank in it (``ActorSpec.rank``).
         model_args: ``ModelArgs.to_dict()`` of the model.
         seed: initial weights are the single-process model's for this seed (every
@@ -48,11 +51,14 @@ class StageWorker:
         link: link-model dict (``LinkModel.to_dict()`` form) to shape transfers, or None (off).
         trace: record a timeline (``trace_events``).
         optim: ``OptimConfig`` fields.
+        activation_checkpointing: recompute every block in backward (``model.remat``).
+        deterministic: ``torch.use_deterministic_algorithms(True)`` in this process.
     """
 
     def __init__(self, graph, rank: int, model_args: dict, *, seed: int = 0, microbatches: int = 1,
                  waves: int = 1, expert_waves: int | None = None, schedule: str = "1f1b",
-                 link: dict | None = None, trace: bool = False, optim: dict | None = None):
+                 link: dict | None = None, trace: bool = False, optim: dict | None = None,
+                 activation_checkpointing: bool = False, deterministic: bool = False):
         self.graph, self.rank = graph, rank
         self.spec = next(a for a in graph.actors if a.rank == rank)
         self.args = ModelArgs.from_dict(model_args, source="model_args")
@@ -62,8 +68,13 @@ class StageWorker:
         self.tracer = Tracer(rank, f"stage {self.spec.stage} / shard {self.spec.ep_rank} ({self.spec.rack})",
                              enabled=trace)
         self.optim_cfg = OptimConfig(**(optim or {}))
+        self.activation_checkpointing = activation_checkpointing
+        self.deterministic = deterministic
         self.stage: PipelineStage | None = None
         self.replicated = None  # serving's MoE (ReplicatedExperts), made on first use
+        self.routing_cache: dict[int, dict[str, torch.Tensor]] = {}  # anticipatory routing, by step
+        self.last_forced: dict[str, torch.Tensor] | None = None
+        self.last_batch: dict | None = None
 
     # ------------------------------------------------------------ placement
     def placement(self) -> dict:
@@ -99,6 +110,8 @@ class StageWorker:
                 raise RuntimeError("gpus_per_actor is 1 but this actor sees no CUDA device")
             torch.cuda.set_device(0)  # Ray sets CUDA_VISIBLE_DEVICES to the actor's GPU
         backend = backend or ("nccl" if use_gpu else "gloo")
+        if self.deterministic:
+            torch.use_deterministic_algorithms(True)
         self.device = torch.device("cuda", 0) if use_gpu else torch.device("cpu")
         dist.init_process_group(backend, init_method=f"tcp://{master_addr}:{master_port}", rank=self.rank,
                                 world_size=len(self.graph.actors), timeout=datetime.timedelta(seconds=timeout_s))
@@ -111,21 +124,60 @@ class StageWorker:
         del full
         self.stage.to(self.device)
         self.stage.train()
-        self.runner = PipelineRunner(self.stage, self.mesh, link=self.link, tracer=self.tracer, **self.run_opts)
+        from model.remat import checkpointed
+
+        self.runner = PipelineRunner(self.stage, self.mesh, link=self.link, tracer=self.tracer,
+                                     block_call=checkpointed if self.activation_checkpointing else None,
+                                     **self.run_opts)
         self.optimizer = CombinedOptimizer(self.stage, self.optim_cfg)
         return {"rank": self.rank, "layers": [lo, hi], "experts": [self.stage.expert_lo, self.stage.expert_hi],
-                "params": sum(p.numel() for p in self.stage.parameters())}
+                "params": sum(p.numel() for p in self.stage.parameters()), "threads": torch.get_num_threads()}
 
     def set_attention_mode(self, mode: str) -> None:
         set_attention_mode(self.stage, mode)
 
     # ----------------------------------------------------------------- train
-    def forward_backward(self, batch: dict, loss_cfg: dict, max_grad_norm: float | None) -> dict:
-        """Zero grads, run the step's pipeline forward/backward, clip. Returns global metrics + ``grad_norm``."""
+    def forward_backward(self, batch: dict, loss_cfg: dict, max_grad_norm: float | None,
+                         routing_key: int | None = None) -> dict:
+        """Zero grads, run the step's pipeline forward/backward, clip. Returns global metrics + ``grad_norm``.
+
+        ``routing_key``: use (and drop) the routing cached by ``route_ahead`` under this key
+        (anticipatory routing); None: every MoE selects its experts. The batch's token ids are
+        validated here, once per step, on the host.
+
+        Raises:
+            KeyError: no routing cached under ``routing_key``.
+            ValueError: token ids out of the vocabulary, or a batch that does not split.
+        """
+        check_tokens(batch["input_ids"], self.args.vocab_size, batch.get("doc_ids"))
+        forced = None
+        if routing_key is not None:
+            forced = self.routing_cache.pop(routing_key)
+        self.last_forced, self.last_batch = forced, batch  # what this step used (inspection: tests)
         self.optimizer.zero_grad()
-        metrics = self.runner.forward_backward(batch, LossConfig(**loss_cfg))
+        metrics = self.runner.forward_backward(batch, LossConfig(**loss_cfg), forced)
         metrics["grad_norm"] = self.runner.clip_grad_norm(max_grad_norm)
         return metrics
+
+    def route_ahead(self, batch: dict, loss_cfg: dict, key: int) -> None:
+        """Anticipatory routing: compute, with the current parameters, the routing every MoE of
+        this stage picks for this shard's sequences of ``batch`` (a later step's, fetched early)
+        and cache it under ``key`` until ``forward_backward(routing_key=key)`` uses it."""
+        check_tokens(batch["input_ids"], self.args.vocab_size, batch.get("doc_ids"))
+        self.routing_cache[key] = self.runner.route(batch, LossConfig(**loss_cfg))
+
+    def drop_routing(self) -> None:
+        """Forget every cached routing (a rollback made it stale)."""
+        self.routing_cache.clear()
+
+    def take_routing(self, key: int) -> dict[str, torch.Tensor]:
+        """Remove and return the routing cached under ``key`` (``key -> [b_local, S', K]``)."""
+        return self.routing_cache.pop(key)
+
+    def used_routing(self) -> dict:
+        """What the last ``forward_backward`` was given: ``{"routing": forced routing of this shard
+        (``key -> [b_local, S', K]``) or None, "batch": the step's batch, "last_stage": bool}``."""
+        return {"routing": self.last_forced, "batch": self.last_batch, "last_stage": self.mesh.last}
 
     def apply(self, lr: float, bias_speed: float | None) -> dict:
         """Optimizer step at ``lr``, then the router-bias update (``bias_speed`` None: skip). Returns load CVs."""
@@ -208,7 +260,7 @@ class StageWorker:
             if not mesh.first:
                 x = self.runner.links.recv_act((B, S, self.args.hc_mult, self.args.hidden_size),
                                                next(self.stage.parameters()).dtype, self.device, tag).result()
-            out = self.stage(x, ids, state=states[0] if B == 1 else states)
+            out, _ = self.stage(x, ids, state=states[0] if B == 1 else states)
             logits = None
             if not mesh.last:
                 self.runner.links.send_act(out, tag).result()

@@ -1,6 +1,6 @@
 """Triton kernels vs their torch references: time, achieved bandwidth / TFLOP/s, parity, mHC's share of a layer.
 
-The prepared device check of issue 6 (one H200 run): for each kernel at realistic V4-flash
+The prepared device check (one H200 run): for each kernel at realistic V4-flash
 shapes (hidden 4096, 4 streams, 64 heads x 512 with one shared KV head, indexer 64 x 128,
 top-k 512, compress rates 4 / 128, a 64K context for the indexer and attention), it times the
 Triton kernel and the torch reference (CUDA events, median of ``--iters`` after warm-up),

@@ -1,7 +1,7 @@
-"""Cost of the serving metrics on the decode path (issue 7).
+"""Cost of the serving metrics on the decode path.
 
 Per generated token the engine records one inter-token-latency observation and one
-generated-token count (``cluster.metrics.ServingMetrics``). This times that pair of
+generated-token count (``cluster.ops.metrics.ServingMetrics``). This times that pair of
 calls without Ray (the recorder keeps its last values only) and with Ray initialised
 (through ``ray.util.metrics``), and sets it against a decode step of the given length:
 the share of a step's time that per-token metrics cost at batch size 1 and ``--batch``.
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     import ray
 
-    from cluster.metrics import ServingMetrics
+    from cluster.ops.metrics import ServingMetrics
 
     no_ray = per_token_us(ServingMetrics("bench-no-ray"), args.tokens)
     ray.init(address="local", include_dashboard=False, num_cpus=1, logging_level="ERROR")

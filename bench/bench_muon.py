@@ -208,14 +208,15 @@ def param_checksum(model: torch.nn.Module) -> str:
 @torch.no_grad()
 def evaluate(model, eval_batches) -> float:
     """Token-weighted mean next-token CE over the fixed held-out batches."""
-    from model.training import IGNORE, LossConfig, compute_losses
+    from model.losses import IGNORE, LossConfig
+    from model.training import compute_losses
 
     cfg = LossConfig(mode="dense", mtp_weight=0.0, balance_weight=0.0)  # ce does not depend on these
     model.eval()
     total = n = 0.0
     try:
         for b in eval_batches:
-            _, metrics = compute_losses(model, b, cfg)
+            _, metrics, _ = compute_losses(model, b, cfg)
             k = float((b["labels"] != IGNORE).sum())
             total += metrics["ce"] * k
             n += k
@@ -253,14 +254,14 @@ def train_run(opt_name: str, lr: float, a: argparse.Namespace, train_stream, eva
         data_hash.update(batch["input_ids"].numpy().tobytes())
         opt.set_lr(lr_at(step, cfg))
         opt.zero_grad()
-        loss, metrics = compute_losses(model, batch, loss_cfg)
+        loss, metrics, aux = compute_losses(model, batch, loss_cfg)
         if not math.isfinite(metrics["loss"]):
             diverged_at = step
             break
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        update_router_biases(model)
+        update_router_biases(model, aux.routing)
         train_ce.append(metrics["ce"])
         done = step + 1
         if done % a.eval_every == 0 or done == a.steps:

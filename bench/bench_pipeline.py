@@ -1,4 +1,4 @@
-"""Benchmark: does streaming in waves hide communication? (issue 4)
+"""Benchmark: does streaming in waves hide communication?
 
 Runs training steps of a pipeline x expert-parallel layout on local gloo
 processes with the link model on (emulating a slower network than loopback, so
@@ -35,7 +35,7 @@ def _worker(rank: int, world: int, P: int, E: int, waves: list[int], opts: dict,
     import torch
     import torch.distributed as dist
 
-    from cluster.topology import Topology, build_graph
+    from cluster.launch.topology import Topology, build_graph
     from comm.link_model import LinkModel
     from comm.pipeline import PipelineRunner
     from comm.trace import Tracer

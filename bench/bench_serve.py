@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Serving benchmark: tide's OpenAI-compatible server against ``transformers`` ``generate`` on the same weights.
 
-Issue 5's target, measured on this machine with one checkpoint: output tokens/s,
+The serving target, measured on this machine with one checkpoint: output tokens/s,
 time to first token (TTFT) and inter-token latency (ITL) p50/p99 at each
 ``--concurrency`` (default 1, 8, 32), against HF ``generate`` run one request at a
 time; target >= 3x HF's throughput at concurrency 8, and ITL flat as the context
@@ -25,7 +25,7 @@ close that is to per token). Completion tokens are counted as ``max_tokens`` whe
 tokens / wall time of the level. A 503 (admission limit) is retried after a short
 pause (counted; TTFT still runs from the first attempt).
 
-HF side. The same weights exported to an HF directory (``cluster.trainer.export_hf``,
+HF side. The same weights exported to an HF directory (``cluster.checkpoint.models.export_hf``,
 in a temporary directory; an HF ``path`` is used as is), loaded with
 ``AutoModelForCausalLM.from_pretrained(dtype=float32)`` (``DeepseekV4ForCausalLM``),
 ``generate(max_new_tokens=min_new_tokens=--max-tokens, do_sample=False)`` per
@@ -421,7 +421,7 @@ def hf_directory(src, tmp: Path) -> Path:
     """An HF directory holding ``src``'s weights: the directory itself, or a tide checkpoint exported into ``tmp``."""
     if src.kind == "hf":
         return src.path
-    from cluster.trainer import export_hf
+    from cluster.checkpoint.models import export_hf
 
     return export_hf(src.path, tmp / "hf")
 

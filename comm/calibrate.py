@@ -1,6 +1,6 @@
 """Link calibration: measure links with nccl-tests or a gloo probe, fit the link model, write it.
 
-The pieces that need no Ray (``cluster/calibrate.py`` places them on racks and is what
+The pieces that need no Ray (``cluster/ops/calibrate.py`` places them on racks and is what
 ``tide calibrate`` runs):
 
 - :func:`gloo_probe`: inside a process of an initialised ``torch.distributed`` gloo
@@ -12,7 +12,8 @@ The pieces that need no Ray (``cluster/calibrate.py`` places them on racks and i
   (a failed run raises :class:`~comm.nccl_tests.NcclTestsError` naming the error).
 - :func:`fit_table` / :func:`fit_link_model`: the link model's figures (see there).
 - :func:`write_calibration`: the link-model YAML that ``parallel.link_model`` and
-  ``LinkModel.from_file`` load, plus the raw tables as JSON beside it.
+  ``LinkModel.from_dict`` takes (``cluster.launch.link_model`` reads it), plus the raw tables as JSON
+  beside it.
 
 Units: sizes in bytes, times in microseconds, algbw/busbw in GB/s (1e9 bytes/s) as
 nccl-tests prints them; the link model's ``bandwidth_gbps`` is in Gbit/s (= busbw x 8).
@@ -490,10 +491,11 @@ def write_calibration(out: str | Path, fits: dict[str, LinkFit], tables: list[Ca
                       meta: dict[str, Any] | None = None) -> tuple[Path, Path]:
     """Write the link-model file and the raw tables beside it.
 
-    ``out`` (YAML, or JSON if it ends in ``.json``) holds only what ``LinkModel.from_file``
-    reads: ``{class: {latency_us, bandwidth_gbps}}``. ``<out stem>.tables.json`` holds
+    ``out`` (YAML, or JSON if it ends in ``.json``) holds only what ``LinkModel.from_dict``
+    takes: ``{class: {latency_us, bandwidth_gbps}}``. ``<out stem>.tables.json`` holds
     ``meta``, the fit per class and every table (rows, parsed metadata, raw nccl-tests output).
-    The written file is loaded back with ``LinkModel.from_file`` before returning.
+    The written mapping is checked with ``LinkModel.from_dict`` before returning (the caller
+    reads the file back with the project's YAML reader).
 
     Returns:
         ``(link_model_path, tables_path)``.
@@ -511,7 +513,7 @@ def write_calibration(out: str | Path, fits: dict[str, LinkFit], tables: list[Ca
              for cls, f in fits.items()}
     _write_atomic(out, json.dumps(model, indent=2) + "\n" if out.suffix == ".json"
                   else yaml.safe_dump(model, sort_keys=False))
-    LinkModel.from_file(out)  # what the trainer will do: fail here, not there
+    LinkModel.from_dict(model, source=str(out))  # what the trainer will do: fail here, not there
     tables_path = tables_path_of(out)
     doc = {
         "meta": meta or {},

@@ -1,4 +1,4 @@
-"""Expert parallelism inside a rack: wave-pipelined dispatch / expert compute / combine (issue 4).
+"""Expert parallelism inside a rack: wave-pipelined dispatch / expert compute / combine.
 
 A stage's routed experts are split over its ``ep_size`` expert shards (shard r
 owns global experts ``[r*E', (r+1)*E')``). For one MoE call on N tokens with top-K

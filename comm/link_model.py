@@ -1,10 +1,10 @@
-"""Link model: latency and bandwidth per link class, to emulate inter-rack networks (issue 4).
+"""Link model: latency and bandwidth per link class, to emulate inter-rack networks.
 
 ``transfer_time(nbytes, link_class) = latency_s + nbytes / bandwidth_Bps``. With
 ``enabled`` the comm layer holds each transfer for that long, so the overlap of
 communication and compute can be measured honestly on one machine. Off by
 default. A calibration file (JSON or YAML, e.g. written from nccl-tests busbw
-figures) replaces the defaults::
+figures; read by ``cluster.launch.link_model``) replaces the defaults::
 
     intra-rack: {latency_us: 5, bandwidth_gbps: 400}     # Gbit/s
     inter-rack: {latency_us: 20, bandwidth_gbps: 100}
@@ -12,12 +12,10 @@ figures) replaces the defaults::
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 LINK_CLASSES = ("intra-rack", "inter-rack")
 
@@ -113,31 +111,3 @@ class LinkModel:
             classes[name] = LinkClass(float(lat) * 1e-6, float(bw) * 1e9 / 8)
             sources[name] = source
         return cls(classes, enabled, sources)
-
-    @classmethod
-    def from_file(cls, path: str | Path, *, enabled: bool = True) -> LinkModel:
-        """Load a calibration file (JSON, or YAML through ``yaml.safe_load``: never an object tag).
-
-        Raises:
-            ValueError: missing file, not UTF-8 text (e.g. a pickle), unparsable, a
-                YAML tag that would build a Python object, or bad fields (named).
-        """
-        import yaml
-
-        p = Path(path)
-        if not p.is_file():
-            raise ValueError(f"link calibration file {p} does not exist")
-        allowed = ("allowed: JSON, or plain YAML read with yaml.safe_load (mappings, lists, strings, numbers): tags "
-                   "that build Python objects such as !!python/object are refused")
-        try:
-            text = p.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{p}: not a UTF-8 text file (byte {e.start}: {e.reason}), refused; {allowed}") from None
-        try:
-            data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{p}: cannot parse: {e}") from None
-        except yaml.YAMLError as e:
-            hint = f"; {allowed}" if isinstance(e, yaml.constructor.ConstructorError) else ""
-            raise ValueError(f"{p}: cannot parse: {e}{hint}") from None
-        return cls.from_dict(data, enabled=enabled, source=str(p))

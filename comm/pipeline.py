@@ -1,4 +1,4 @@
-"""Execute a pipeline schedule on one stage actor: microbatches, waves, gradient reductions (issue 4).
+"""Execute a pipeline schedule on one stage actor: microbatches, waves, gradient reductions.
 
 ``PipelineRunner.forward_backward(batch, loss_cfg)`` runs one training step's
 forward and backward passes for this process's (stage, expert shard):
@@ -19,10 +19,14 @@ forward and backward passes for this process's (stage, expert shard):
 - ``clip_grad_norm(max_norm)`` computes the global norm (every parameter counted
   once) and clips like ``torch.nn.utils.clip_grad_norm_``;
 - ``update_router_biases(speed)`` applies auxiliary-loss-free balancing with the
-  global expert loads of the step.
+  global expert loads of the step;
+- ``route(batch, cfg)`` is a forward-only pass of the same schedule that returns the
+  routing every MoE of this stage picks for this shard's sequences: anticipatory
+  routing computes it for a later step's batch and passes it back as ``forced``.
 
 Loss and gradients equal the single-process ``model.training.compute_losses`` on
-the whole batch (tested to 1e-5 in float32).
+the whole batch (tested to 1e-5 in float32). A one-process run is this runner on a
+1 x 1 mesh: the same schedule code, reductions over a group of one.
 
 Letters: B batch, b microbatch, S sequence, N hc streams, E hidden.
 """
@@ -42,21 +46,23 @@ from .trace import Tracer
 from .transport import CommThread, Mesh, PipeLinks
 
 SCHEDULES = {"1f1b": one_f_one_b, "gpipe": gpipe}
-METRIC_KEYS = ("ce", "mtp", "balance", "kl_sum", "kl_rows")
 
 
 def split_batch(batch: dict, parts: int, index: int) -> dict:
-    """Sequences ``[index*B/parts, (index+1)*B/parts)`` of every ``[B, ...]`` tensor of ``batch``."""
-    B = batch["input_ids"].shape[0]
+    """Sequences ``[index*B/parts, (index+1)*B/parts)`` of every ``[B, ...]`` tensor of ``batch``
+    (a batch, or anything keyed like one: the forced routing of its sequences)."""
+    B = next(v for v in batch.values() if isinstance(v, torch.Tensor)).shape[0]
     lo, hi = B * index // parts, B * (index + 1) // parts
     return {k: v[lo:hi] for k, v in batch.items() if isinstance(v, torch.Tensor)}
 
 
 class PipelineRunner:
     """Runs ``stage`` (this process's ``model.stage.PipelineStage``, or anything with its interface:
-    ``forward``, ``losses``, ``loss_norms``, ``is_expert_param``, ``moes``, ``indexer_parameters``,
-    ``layers``, ``embed_tokens``, ``args``, ``expert_lo/hi``) in the pipeline described by ``mesh``.
-    comm/ imports no model code: the stage is passed in.
+    ``forward``, ``losses``, ``loss_norms``, ``combine_metrics``, ``expert_loads``,
+    ``update_router_biases``, ``mtp_forward``, ``runs_mtp``, ``model_order_parameters``,
+    ``is_expert_param``, ``moes``,
+    ``indexer_parameters``, ``embed_tokens``, ``args``, ``expert_lo/hi``, ``METRIC_KEYS``) in the
+    pipeline described by ``mesh``. comm/ imports no model code: the stage is passed in.
 
     Args:
         microbatches: M per expert shard per step.
@@ -66,19 +72,26 @@ class PipelineRunner:
         schedule: ``"1f1b"`` or ``"gpipe"``.
         link: link model shaping every transfer (default: off).
         tracer: records compute and communication spans (``comm.trace``).
+        block_call: how the stage runs each block (``model.remat.checkpointed``: activation
+            checkpointing); None: a plain call.
     Raises:
         ValueError: unknown schedule, waves < 1.
     """
 
     def __init__(self, stage, mesh: Mesh, *, microbatches: int = 1, waves: int = 1,
                  expert_waves: int | None = None, schedule: str = "1f1b", link: LinkModel | None = None,
-                 tracer: Tracer | None = None):
+                 tracer: Tracer | None = None, block_call=None):
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {sorted(SCHEDULES)}, got {schedule!r}")
         if waves < 1 or microbatches < 1:
             raise ValueError(f"waves and microbatches must be >= 1, got {waves}, {microbatches}")
         self.stage, self.mesh = stage, mesh
         self.M, self.W = microbatches, waves
+        self.block_call = block_call
+        # One process, one microbatch, one wave: the step is a single forward and backward, so the
+        # indexer KL is normalised inside the loss (its row count is known before backward) and
+        # the gradient norm is torch's own -- a plain PyTorch training step, bit for bit.
+        self.whole = mesh.world == 1 and microbatches == 1 and waves == 1
         self.actions = SCHEDULES[schedule](mesh.num_stages, microbatches)[mesh.stage]
         self.tracer = tracer if tracer is not None else Tracer(mesh.rank, enabled=False)
         self.links = PipeLinks(mesh, link, self.tracer)
@@ -91,7 +104,7 @@ class PipelineRunner:
                                      self.expert_waves, self.a2a)
         for moe in stage.moes():
             moe.expert_parallel = self.ep
-        self.loads: dict[int, torch.Tensor] = {}
+        self.loads: dict[str, torch.Tensor] = {}
         self.kl_rows = 0.0
 
     # ------------------------------------------------------------- helpers
@@ -109,35 +122,48 @@ class PipelineRunner:
         b, S = wave["input_ids"].shape
         return (b, S, self.stage.args.hc_mult, self.stage.args.hidden_size)
 
-    def _track_loads(self) -> None:
-        for i, blk in self.stage.layers.items():
-            idx = blk.mlp.last_indices
-            if idx is not None:
-                c = torch.bincount(idx.reshape(-1), minlength=self.stage.args.n_routed_experts)
-                self.loads[int(i)] = self.loads.get(int(i), 0) + c
+    def _track_loads(self, routing: dict) -> None:
+        for k, c in self.stage.expert_loads(routing).items():
+            self.loads[k] = self.loads.get(k, 0) + c
 
-    # ----------------------------------------------------------- one step
-    def forward_backward(self, batch: dict, cfg) -> dict:
-        """Forward + backward of one global ``batch`` (every process passes the same batch).
-
-        Leaves globally reduced gradients in the stage's parameters (accumulated into
-        existing ``.grad``; zero them first). Returns the step's global metrics:
-        ``loss``, ``ce``, ``mtp``, ``balance``, ``indexer_kl`` (those that apply) and
-        ``kl_rows``, identical on every process.
-        Raises ValueError when the batch cannot be split into shards x microbatches x waves.
-        """
+    def _microbatches(self, batch: dict) -> tuple[dict, list[list[dict]]]:
+        """The step's ``batch`` on this process's device, this shard's part of it and that part's
+        waves per microbatch (``[m][w]``). Raises ValueError when it does not divide."""
         mesh, st = self.mesh, self.stage
         B = batch["input_ids"].shape[0]
         if B % (mesh.ep_size * self.M):
             raise ValueError(f"batch of {B} sequences is not divisible by expert shards ({mesh.ep_size}) x "
                              f"microbatches ({self.M})")
-        norms = st.loss_norms(batch)
         device = next(st.parameters()).device
         batch = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
         local = split_batch(batch, mesh.ep_size, mesh.ep_rank)
-        mbs = [self._waves(split_batch(local, self.M, m)) for m in range(self.M)]
+        return batch, [self._waves(split_batch(local, self.M, m)) for m in range(self.M)]
+
+    def _forced(self, forced: dict | None, m: int, w: int) -> dict | None:
+        """Wave ``(m, w)``'s rows of this shard's forced routing (``key -> [b_local, S', K]``),
+        flattened to ``key -> [b*S', K]`` as the MoE takes it."""
+        if forced is None:
+            return None
+        part = split_batch(split_batch(forced, self.M, m), self.W, w)
+        return {k: v.reshape(-1, v.shape[-1]) for k, v in part.items()}
+
+    # ----------------------------------------------------------- one step
+    def forward_backward(self, batch: dict, cfg, forced: dict | None = None) -> dict:
+        """Forward + backward of one global ``batch`` (every process passes the same batch).
+
+        ``forced``: anticipatory routing for this shard's sequences, ``key -> [b_local, S', K]``
+        (what ``route`` returned for this batch, earlier). Leaves globally reduced gradients in
+        the stage's parameters (accumulated into existing ``.grad``; zero them first). Returns
+        the step's global metrics: ``loss``, ``ce``, ``mtp``, ``balance``, ``indexer_kl`` (those
+        that apply) and ``kl_rows``, identical on every process.
+        Raises ValueError when the batch cannot be split into shards x microbatches x waves.
+        """
+        mesh, st = self.mesh, self.stage
+        norms = st.loss_norms(batch)
+        batch, mbs = self._microbatches(batch)
+        device = next(st.parameters()).device
         dtype = next(st.parameters()).dtype
-        self.loads, sums = {}, dict.fromkeys(METRIC_KEYS, 0.0)
+        self.loads, sums = {}, dict.fromkeys(st.METRIC_KEYS, 0.0)
         present = set()
         tag = lambda m, w: m * self.W + w  # noqa: E731
         recv_act: dict[tuple[int, int], Future] = {}
@@ -160,9 +186,14 @@ class PipelineRunner:
                                             peer=mesh.peer(mesh.stage - 1))
                         inp.requires_grad_(torch.is_grad_enabled() and cfg.mode != "indexer_warmup")
                     with self._span(f"F{m}.{w}", mb=m, wave=w):
-                        out = st(inp, wave["input_ids"], wave.get("doc_ids"))
-                        self._track_loads()
-                        loss, part = st.losses(out, wave, norms, cfg)
+                        f = self._forced(forced, m, w)
+                        out, aux = st(inp, wave["input_ids"], wave.get("doc_ids"), forced=f, call=self.block_call)
+                        rows = None
+                        if self.whole and aux.kl is not None:  # the step's only forward: its KL rows are all
+                            rows = float(aux.kl.rows) or None
+                        loss, part, routing = st.losses(out, aux, wave, norms, cfg, forced=f, call=self.block_call,
+                                                        kl_rows=rows)
+                        self._track_loads(routing)
                     for k, v in part.items():
                         sums[k] += v
                         present.add(k)
@@ -197,39 +228,21 @@ class PipelineRunner:
     # ------------------------------------------------------ reductions
     def _finish(self, sums: dict, present: set, cfg) -> dict:
         st = self.stage
-        flags = [1.0 if k in present else 0.0 for k in METRIC_KEYS]
+        keys = st.METRIC_KEYS
+        flags = [1.0 if k in present else 0.0 for k in keys]
         device = next(st.parameters()).device  # nccl reduces device tensors only
-        vec = torch.tensor([sums[k] for k in METRIC_KEYS] + flags, dtype=torch.float64, device=device)
+        vec = torch.tensor([sums[k] for k in keys] + flags, dtype=torch.float64, device=device)
         with self.tracer.span("allreduce metrics", cat="allreduce", tid="collective"):
             dist.all_reduce(vec)
-        tot = dict(zip(METRIC_KEYS, vec[:len(METRIC_KEYS)].tolist(), strict=True))
-        have = {k for k, f in zip(METRIC_KEYS, vec[len(METRIC_KEYS):].tolist(), strict=True) if f > 0}
+        tot = dict(zip(keys, vec[:len(keys)].tolist(), strict=True))
+        have = {k for k, f in zip(keys, vec[len(keys):].tolist(), strict=True) if f > 0}
         self.kl_rows = tot["kl_rows"]
-        if self.kl_rows > 0:
+        if self.kl_rows > 0 and not self.whole:  # (one forward: the loss was already normalised)
             for p in st.indexer_parameters():
                 if p.grad is not None:
                     p.grad.div_(self.kl_rows)
         self._allreduce_grads()
-        metrics, total = {}, 0.0
-        if "ce" in have:
-            metrics["ce"] = tot["ce"]
-            total = tot["ce"]
-        if "mtp" in have:
-            metrics["mtp"] = tot["mtp"]
-            total += cfg.mtp_weight * tot["mtp"]
-        if "balance" in have:
-            metrics["balance"] = tot["balance"]
-            total += cfg.balance_weight * tot["balance"]
-        if self.kl_rows > 0:
-            kl = tot["kl_sum"] / self.kl_rows
-            metrics["indexer_kl"] = kl
-            total = cfg.indexer_kl_weight * kl if cfg.mode == "indexer_warmup" else total + cfg.indexer_kl_weight * kl
-        elif cfg.mode == "indexer_warmup":
-            raise ValueError("indexer_warmup needs CSA layers with visible compressed entries "
-                             "(sequence longer than the CSA compression rate)")
-        metrics["loss"] = total
-        metrics["kl_rows"] = self.kl_rows
-        return metrics
+        return st.combine_metrics(tot, have, cfg)
 
     def _tied_embedding(self) -> bool:
         return self.mesh.embed is not None and self.stage.embed_tokens is not None
@@ -257,6 +270,10 @@ class PipelineRunner:
         """Global gradient norm (each parameter counted once), clipped to ``max_norm`` like
         ``torch.nn.utils.clip_grad_norm_`` (``None`` or inf: no clipping). Returns the norm before clipping."""
         mesh, st = self.mesh, self.stage
+        if mesh.world == 1:  # nothing to reduce: torch's clip (float32 norms per tensor, then their norm)
+            params = [p for p in st.model_order_parameters() if p.grad is not None]
+            limit = max_norm if max_norm is not None else float("inf")
+            return float(torch.nn.utils.clip_grad_norm_(params, limit)) if params else 0.0
         sq = torch.zeros((), dtype=torch.float64, device=next(st.parameters()).device)
         for n, p in st.named_parameters():
             if p.grad is None:
@@ -280,20 +297,60 @@ class PipelineRunner:
         return norm
 
     @torch.no_grad()
-    def update_router_biases(self, speed: float = 1e-3) -> dict[str, float]:
-        """Aux-loss-free balancing with the step's global loads (as ``model.training.update_router_biases``)."""
-        out = {}
-        for i, blk in self.stage.layers.items():
-            load = self.loads.get(int(i))
-            if load is None:
-                continue
+    def update_router_biases(self, speed: float | None = 1e-3) -> dict[str, float]:
+        """Aux-loss-free balancing with the step's global loads (``model.losses.bias_update``):
+        this shard's loads are summed over the stage's expert shards first. ``speed`` None:
+        the loads' coefficients of variation only. Returns ``{"load_cv/<layer>": cv}``."""
+        loads = {}
+        for k, load in self.loads.items():
             load = load.float()
             if self.mesh.ep_size > 1:
                 dist.all_reduce(load, group=self.mesh.dense)
-            out[f"load_cv/{i}"] = float(load.std(unbiased=False) / load.mean().clamp(min=1e-9))
-            if not blk.mlp.gate.hashed and speed > 0:
-                blk.mlp.gate.e_score_correction_bias.add_(speed * torch.sign(load.mean() - load))
-        return out
+            loads[k] = load
+        return self.stage.update_router_biases(loads, speed)
+
+    # ----------------------------------------------------- anticipatory routing
+    @torch.no_grad()
+    def route(self, batch: dict, cfg) -> dict[str, torch.Tensor]:
+        """The routing this stage's MoEs pick for this shard's sequences of ``batch`` with the
+        current parameters: a forward-only pass of the schedule (activations stream between the
+        stages as in training; no loss, no backward). Every process passes the same batch.
+
+        Returns ``key -> [b_local, S', K]`` int64 expert ids (``S' = S - 1`` for the MTP block,
+        run when ``cfg`` trains it), the form ``forward_backward(forced=)`` takes.
+        """
+        mesh, st = self.mesh, self.stage
+        _, mbs = self._microbatches(batch)
+        device = next(st.parameters()).device
+        dtype = next(st.parameters()).dtype
+        tag = lambda m, w: m * self.W + w  # noqa: E731
+        recv: dict[tuple[int, int], Future] = {}
+        order = [a.mb for a in self.actions if a.kind == "F"]
+        if not mesh.first:
+            for m in order:
+                for w, wave in enumerate(mbs[m]):
+                    recv[m, w] = self.links.recv_act(self._act_shape(wave), dtype, device, tag(m, w), mb=m, wave=w)
+        parts: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+        sends: list[Future] = []
+        for m in order:
+            for w, wave in enumerate(mbs[m]):
+                ids, docs = wave["input_ids"], wave.get("doc_ids")
+                b, S = ids.shape
+                inp = None if mesh.first else self.a2a.wait(recv.pop((m, w)), "wait act", mb=m, wave=w, kind="act",
+                                                             peer=mesh.peer(mesh.stage - 1))
+                with self._span(f"R{m}.{w}", mb=m, wave=w):
+                    out, aux = st(inp, ids, docs)
+                    got = {k: r.indices.view(b, S, -1) for k, r in aux.routing.items()}
+                    if st.runs_mtp(cfg, S):
+                        _, r = st.mtp_forward(out, ids, docs)
+                        got[st.MTP_KEY] = r.indices.view(b, S - 1, -1)
+                parts[m, w] = got
+                if not mesh.last:
+                    sends.append(self.links.send_act(out, tag(m, w), mb=m, wave=w))
+        for f in sends:
+            self.a2a.wait(f, "wait sends")
+        keys = parts[0, 0].keys() if parts else ()
+        return {k: torch.cat([parts[m, w][k] for m in range(self.M) for w in range(len(mbs[m]))]) for k in keys}
 
     def close(self) -> None:
         self.links.close()

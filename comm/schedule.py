@@ -1,4 +1,4 @@
-"""Pipeline schedules as data: per-stage action lists (issue 4, first increment).
+"""Pipeline schedules as data: per-stage action lists.
 
 A schedule is, for each pipeline stage, an ordered list of ``Action``s:
 ``RECV_ACT`` / ``F`` / ``SEND_ACT`` for a microbatch's forward and

@@ -1,4 +1,4 @@
-"""Timelines of distributed pipeline / expert-parallel runs (issue 4).
+"""Timelines of distributed pipeline / expert-parallel runs.
 
 Each actor owns a ``Tracer`` and records spans: compute on the ``"compute"``
 thread, pipeline p2p on ``"p2p-send"`` / ``"p2p-recv"`` (cat ``"send"`` /

@@ -1,4 +1,4 @@
-"""Transport on torch.distributed: the process groups of an ``ActorGraph`` and shaped p2p (issue 4).
+"""Transport on torch.distributed: the process groups of an ``ActorGraph`` and shaped p2p.
 
 ``build_mesh(graph, rank)`` (every process, same order) creates:
 
@@ -73,7 +73,7 @@ class Mesh:
 
 
 def build_mesh(graph, rank: int, *, tied_embedding: bool = True) -> Mesh:
-    """Create every process group of ``graph`` (an ``cluster.topology.ActorGraph``).
+    """Create every process group of ``graph`` (an ``cluster.launch.topology.ActorGraph``).
 
     Must be called by every process of the default group, in the same order,
     after ``dist.init_process_group`` with ``world_size == len(graph.actors)``.

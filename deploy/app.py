@@ -33,7 +33,7 @@ REQUEST_TIMEOUT_S = 300.0
 DISCONNECT_POLL_S = 0.25  # how often a non-streamed request checks that its client is still there
 
 
-# tide_serve_rejections reason of a refused request's HTTP status (cluster.metrics.REJECTION_REASONS)
+# tide_serve_rejections reason of a refused request's HTTP status (cluster.ops.metrics.REJECTION_REASONS)
 _REJECTION_OF_STATUS = {401: "unauthorized", 404: "unknown_model", 413: "too_large"}
 
 
@@ -250,10 +250,3 @@ def build_app(engine, *, api_key=None, max_body_bytes: int = MAX_BODY_BYTES, max
         return await handle(request, "chat")
 
     return app
-
-
-def build(args: dict):
-    """``serve run deploy.app:build path=...``: the Ray Serve application (``deploy.serve.build``)."""
-    from .serve import build as build_serve_app
-
-    return build_serve_app(args)

@@ -3,7 +3,7 @@
 ``training_dashboard()`` and ``serving_dashboard()`` build the two dashboards with the
 builders of ``grafana-foundation-sdk`` (Grafana's own code-generated SDK; the JSON is its
 encoder's output, never written by hand). Every query names only series of the metric
-catalogue ``cluster.metrics`` (taken from ``MetricSpec.series``, never retyped), and
+catalogue ``cluster.ops.metrics`` (taken from ``MetricSpec.series``, never retyped), and
 ``queried_series`` lists the series a dashboard's queries name, by parsing each PromQL
 expression with ``promql-parser`` (the Rust PromQL parser of GreptimeDB, Python bindings):
 tests compare that set with the catalogue and with a live Prometheus scrape.
@@ -59,7 +59,7 @@ from grafana_foundation_sdk.models.dashboard import (
 )
 from grafana_foundation_sdk.models.prometheus import PromQueryFormat
 
-from cluster.metrics import SERVING, TRAINING, MetricSpec
+from cluster.ops.metrics import SERVING, TRAINING, MetricSpec
 
 TRAINING_UID = "tide-training"
 SERVING_UID = "tide-serving"
@@ -75,7 +75,7 @@ _SERVE_SEL = 'model=~"$model"'
 
 # ------------------------------------------------------------------ series names
 def series(name: str, part: str | None = None) -> str:
-    """The exported series of catalogue metric ``name`` (``cluster.metrics``).
+    """The exported series of catalogue metric ``name`` (``cluster.ops.metrics``).
 
     Args:
         name: a ``TRAINING`` or ``SERVING`` metric name, e.g. ``tide_serve_ttft_seconds``.
@@ -87,7 +87,7 @@ def series(name: str, part: str | None = None) -> str:
     """
     spec: MetricSpec | None = TRAINING.get(name) or SERVING.get(name)
     if spec is None:
-        raise KeyError(f"{name!r} is not a metric of cluster.metrics (TRAINING / SERVING)")
+        raise KeyError(f"{name!r} is not a metric of cluster.ops.metrics (TRAINING / SERVING)")
     if spec.kind == "histogram":
         if part not in ("bucket", "sum", "count"):
             raise ValueError(f"{name} is a histogram: part must be 'bucket', 'sum' or 'count', not {part!r}")
@@ -208,7 +208,7 @@ def training_dashboard(datasource_uid: str | None = None) -> Dashboard:
             None = Grafana's default datasource (what Ray's provisioning sets up).
     """
     s, by = _TRAIN_SEL, ("run",)
-    d = _base("tide: training", TRAINING_UID, "Curriculum training of tide runs (cluster.metrics.TRAINING, "
+    d = _base("tide: training", TRAINING_UID, "Curriculum training of tide runs (cluster.ops.metrics.TRAINING, "
               "exported by ray.util.metrics).", ["training"])
     d = _variables(d, "run", series("tide_train_step"), datasource_uid)
     pid = iter(range(1, 1000))
@@ -284,7 +284,7 @@ def serving_dashboard(datasource_uid: str | None = None) -> Dashboard:
     """
     s = _SERVE_SEL
     d = _base("tide: serving", SERVING_UID, "OpenAI-compatible serving of tide models on Ray Serve "
-              "(cluster.metrics.SERVING, exported by ray.util.metrics).", ["serving"])
+              "(cluster.ops.metrics.SERVING, exported by ray.util.metrics).", ["serving"])
     d = _variables(d, "model", series("tide_serve_running"), datasource_uid)
     pid = iter(range(1, 1000))
     d = d.with_row(Row("Traffic").id(next(pid)))
@@ -487,7 +487,7 @@ def queried_series(model: Mapping[str, Any] | Dashboard) -> set[str]:
 
 
 def catalogue_series() -> set[str]:
-    """Every series the metric catalogue (``cluster.metrics``) exports."""
+    """Every series the metric catalogue (``cluster.ops.metrics``) exports."""
     return {name for spec in (*TRAINING.values(), *SERVING.values()) for name in spec.series}
 
 
@@ -511,13 +511,14 @@ def ray_dashboards_dir(temp_dir: str | Path | None = None) -> Path | None:
     ``<session>/metrics/grafana/dashboards`` (or ``$RAY_METRICS_GRAFANA_DASHBOARD_OUTPUT_DIR`` as it was at
     ``ray start``). This reads that ``default.yml``, so it finds the folder either way.
     """
-    import yaml
 
     root = Path(temp_dir) if temp_dir is not None else ray_temp_dir()
     provider = root / "session_latest" / "metrics" / "grafana" / "provisioning" / "dashboards" / "default.yml"
     if not provider.is_file():
         return None
-    cfg = yaml.safe_load(provider.read_text()) or {}
+    from model.safe_io import read_yaml
+
+    cfg = read_yaml(provider, "Grafana provisioning file") or {}
     for p in cfg.get("providers") or []:
         path = (p.get("options") or {}).get("path")
         if path:

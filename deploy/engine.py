@@ -131,7 +131,7 @@ class Engine:
         chat_template: Jinja template rendering ``messages`` (run sandboxed).
         max_batch: sequences decoded together at most (more wait, in order).
         prefill_chunk: prompt tokens prefilled per scheduler iteration at most.
-        metrics: a ``cluster.metrics.ServingMetrics`` (default: one tagged ``model_name``; it
+        metrics: a ``cluster.ops.metrics.ServingMetrics`` (default: one tagged ``model_name``; it
             exports through ``ray.util.metrics`` when Ray is initialised in this process).
     """
 
@@ -162,7 +162,7 @@ class Engine:
         self.decode_steps = 0
         self.decode_rows = 0
         if metrics is None:
-            from cluster.metrics import ServingMetrics
+            from cluster.ops.metrics import ServingMetrics
 
             metrics = ServingMetrics(model_name)
         self.metrics = metrics

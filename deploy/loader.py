@@ -35,7 +35,7 @@ class Source:
 
 def locate(path: str | Path) -> Source:
     """Find the model and tokenizer ``path`` refers to without reading weights (see module docstring)."""
-    from cluster.trainer import resolve_checkpoint
+    from cluster.checkpoint.models import resolve_checkpoint
     from model.safe_io import refuse_pickle
 
     p = Path(path).expanduser()
@@ -86,15 +86,15 @@ def load_engine(path: str | Path, *, model_name: str | None = None, context: int
     """A continuous-batching ``deploy.engine.Engine`` for ``path`` (see module docstring).
 
     Without ``topology`` the model runs in this process (``LocalBackend``). With a
-    topology (``cluster.topology.load_topology`` input: dict or YAML path) it runs on
+    topology (``cluster.launch.topology.load_topology`` input: dict or YAML path) it runs on
     stage actors placed on the topology's racks (``ActorBackend``): in
     ``placement_group`` from bundle ``bundle_offset`` on when given (a Serve replica's
     own group), else in a group of their own. ``engine_kwargs`` go to ``Engine``.
     """
     from tokenizers import Tokenizer
 
+    from cluster.checkpoint.models import load_trained_model
     from cluster.data import read_chat_template
-    from cluster.trainer import load_trained_model
     from model import load_hf
 
     from .engine import Engine, LocalBackend
@@ -120,13 +120,13 @@ def read_topology(source) -> dict:
     Raises:
         ValueError: unreadable file, or a training config without a ``parallel`` section (named).
     """
-    from cluster.train_config import read_mapping
+    from model.safe_io import read_yaml_mapping
 
-    data, where = read_mapping(source, "topology")
+    data, where = read_yaml_mapping(source, "topology")
     if "curriculum" in data or "model" in data or "parallel" in data:  # a training config
         par = data.get("parallel")
         if par is None:
-            raise ValueError(f"{where} is a training config without a `parallel` section (it trains in one process): "
+            raise ValueError(f"{where} is a training config without a `parallel` section (one actor holds the whole model): "
                              f"give a topology YAML or a config with parallel.topology, e.g. configs/pipeline.yaml")
         if not isinstance(par, dict) or not isinstance(par.get("topology"), dict):
             raise ValueError(f"{where}: parallel.topology must be a mapping (racks, pipeline_stages, ...)")
@@ -136,7 +136,7 @@ def read_topology(source) -> dict:
 
 def serving_graph(topology, args):
     """The ``ActorGraph`` serving ``args`` on ``topology`` (dict or YAML path). Raises ValueError if invalid."""
-    from cluster.topology import build_graph, load_topology
+    from cluster.launch.topology import build_graph, load_topology
 
     return build_graph(load_topology(read_topology(topology)), args.num_hidden_layers, args.n_routed_experts)
 
@@ -147,8 +147,15 @@ def actor_backend(model, topology, *, placement_group=None, bundle_offset: int =
 
     from .actor_backend import ActorBackend
 
+    import ray
+
     graph = serving_graph(topology, model.args)
-    group = StageGroup(graph, model.args.to_dict(), placement_group=placement_group, bundle_offset=bundle_offset)
+    owner = ray.get_runtime_context().get_actor_id()  # the Serve replica: names its actors apart from others'
+    import uuid
+
+    name = f"tide-serve/{owner[:12] if owner else uuid.uuid4().hex[:12]}"
+    group = StageGroup(graph, model.args.to_dict(), placement_group=placement_group, bundle_offset=bundle_offset,
+                       name=name)
     try:
         backend = ActorBackend(group, model.args)
         backend.load_weights(model.state_dict())

@@ -194,7 +194,7 @@ def placement_options(topology, num_hidden_layers: int, n_routed_experts: int) -
         ValueError: an invalid topology (named).
     """
     from actors.group import bundle_specs
-    from cluster.topology import build_graph, load_topology
+    from cluster.launch.topology import build_graph, load_topology
 
     graph = build_graph(load_topology(topology), num_hidden_layers, n_routed_experts)
     first = next(a for a in graph.actors if a.stage == 0)

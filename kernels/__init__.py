@@ -1,4 +1,4 @@
-"""Triton kernels: the optional fast path of the model (issue 6).
+"""Triton kernels: the optional fast path of the model.
 
 Each op lives in ``kernels/<op>.py`` with its ``@triton.jit`` kernels (index arithmetic in
 small ``@triton.jit`` helpers) and launchers; ``kernels/ops.py`` registers them as

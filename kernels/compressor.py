@@ -1,4 +1,4 @@
-"""Compressor kernels: gated per-channel softmax pooling of token blocks, forward and backward (issue 6).
+"""Compressor kernels: gated per-channel softmax pooling of token blocks, forward and backward.
 
 Reference: ``model.attention.Compressor.pool`` without a decode state (report eqs. 9-12 and
 20-23). Of ``kv, gate [B, L, C]`` the ``n = L // M`` complete blocks of ``M`` tokens are

@@ -1,4 +1,4 @@
-"""Lightning Indexer kernel: index scores fused with causal (and document) masking and top-k (issue 6).
+"""Lightning Indexer kernel: index scores fused with causal (and document) masking and top-k.
 
 Reference: ``model.attention.Indexer.scores`` + ``Indexer.select`` (report eqs. 13-17). For
 query row t of batch row b (one program each):

@@ -1,7 +1,7 @@
-"""Fused mHC (manifold-constrained hyper-connections) kernels: forward and backward (issue 6).
+"""Fused mHC (manifold-constrained hyper-connections) kernels: forward and backward.
 
 Reference: ``model.layers.HyperConnection.forward`` (mHC paper arXiv 2512.24880 eqs. 5-8,
-SPEC section 3). For every token row t of the streams ``X [T, N, D]`` one program (a
+docs/model.md §3). For every token row t of the streams ``X [T, N, D]`` one program (a
 block of ``BLOCK_T`` rows) computes, without leaving the chip:
 
 - ``rstd = rsqrt(mean(X[t]^2) + norm_eps)`` and ``mix = (X[t] @ fn^T) * rstd`` (the

@@ -1,5 +1,5 @@
 """The kernels as ``torch.library`` custom ops: fake implementations for ``torch.compile``,
-autograd through the backward kernels (issue 6).
+autograd through the backward kernels.
 
 - ``tide::mhc(x [T,N,D], fn [O,N*D], base [O], scale [3], iters, hc_eps, norm_eps)
   -> (post [T,N], comb [T,N,N], out [T,D], mix [T,O], rstd [T])`` (``mix``/``rstd``: saved

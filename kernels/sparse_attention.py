@@ -1,4 +1,4 @@
-"""Sparse attention kernel: one online-softmax pass over the sliding window and the compressed entries (issue 6).
+"""Sparse attention kernel: one online-softmax pass over the sliding window and the compressed entries.
 
 Reference: ``model.attention.Attention._attend`` on a stateless (full-sequence) forward
 (report section 2.3, eqs. 18-19 and 23). For query t of batch row b (one program; all

@@ -1,6 +1,6 @@
 """DeepSeek-V4 hybrid attention: sliding window + CSA (with the Lightning Indexer) + HCA.
 
-Source: DeepSeek-V4 report section 2.3 (eqs. 9-23) and SPEC section 2; weight
+Source: DeepSeek-V4 report section 2.3 (eqs. 9-23) and docs/model.md §2; weight
 layout and numerics follow ``transformers.models.deepseek_v4`` so checkpoints
 load unchanged.
 
@@ -23,6 +23,8 @@ C compressor channels (2D for CSA's two series, D for HCA), I indexer heads.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
 
@@ -32,6 +34,26 @@ from .config import CSA, HCA, SWA, ModelArgs
 from .layers import RMSNorm, rms_norm_noweight
 from .rope import Rotary, apply_rope
 from .state import CompressorState, Growable, LayerState, is_ragged, window_positions
+
+
+class IndexerKL(NamedTuple):
+    """The indexer-training KL of one attention call, returned by ``Attention.forward``.
+
+    ``total``: 0-d float32, KL(teacher || indexer) summed over the query rows that see
+    at least one compressed entry (with a gradient to the indexer only); ``rows``: 0-d
+    int64, how many such rows. The caller divides by the rows of the whole batch.
+    """
+
+    total: torch.Tensor
+    rows: torch.Tensor
+
+    def __add__(self, other):  # type: ignore[override]  # sums, not tuple concatenation
+        if other is None:
+            return self
+        return IndexerKL(self.total + other.total, self.rows + other.rows)
+
+    __radd__ = __add__
+
 
 # Query rows processed together in the attention core; bounds the logits memory
 # of long prefills to O(QUERY_CHUNK * (W + K + T/128)) per head. Small chunks also
@@ -205,13 +227,15 @@ class Indexer(Compressor):
         # value is not tied.)
         top = masked.topk(k, dim=-1)
         kth = top.values[..., -1:]
-        idx = top.indices
-        if bool(((masked >= kth).sum(-1) > k).any()):  # a tie straddles the cut somewhere
-            above = masked > kth
-            tied = masked == kth
-            room = k - above.sum(-1, keepdim=True)
-            chosen = above | (tied & (tied.cumsum(-1) <= room))
-            idx = chosen.to(torch.uint8).topk(k, dim=-1).indices
+        above = masked > kth
+        tied = masked == kth
+        room = k - above.sum(-1, keepdim=True)
+        chosen = above | (tied & (tied.cumsum(-1) <= room))
+        # Where a tie straddles the cut anywhere in the chunk, every row takes the tie-broken
+        # choice (in index order); elsewhere topk's order. Both are computed and one is picked
+        # on the device, so no host synchronisation decides which.
+        straddles = ((masked >= kth).sum(-1) > k).any()
+        idx = torch.where(straddles, chosen.to(torch.uint8).topk(k, dim=-1).indices, top.indices)
         valid = torch.gather(eligible.expand_as(masked), -1, idx)
         return torch.where(valid, idx, torch.zeros_like(idx)), valid
 
@@ -254,12 +278,10 @@ class Attention(nn.Module):
             self.compressor.indexer = Indexer(args)
         # Dense mode (training curriculum): CSA attends to every visible entry instead of the top-k.
         self.dense_csa = False
-        # Indexer training (curriculum "indexer_warmup" / "sparse"): accumulate the KL divergence
+        # Indexer training (curriculum "indexer_warmup" / "sparse"): return the KL divergence
         # between the main attention's distribution over compressed entries (teacher, detached)
         # and the indexer's softmax over the same entries; the indexer's input is detached.
         self.indexer_kl = False
-        self.kl_sum: torch.Tensor | None = None
-        self.kl_rows = 0
 
     # ------------------------------------------------------------------ state
     def new_state(self, batch: int, dtype: torch.dtype, device) -> LayerState:
@@ -273,8 +295,11 @@ class Attention(nn.Module):
 
     # ---------------------------------------------------------------- forward
     def forward(self, x_BSE: torch.Tensor, pos0: int = 0, state: LayerState | None = None,
-                doc_ids_BS: torch.Tensor | None = None) -> torch.Tensor:
-        """Attention output ``[B,S,E]``; see the class docstring.
+                doc_ids_BS: torch.Tensor | None = None) -> tuple[torch.Tensor, IndexerKL | None]:
+        """``(output [B,S,E], IndexerKL or None)``; see the class docstring.
+
+        The KL is returned only when ``indexer_kl`` is on and this is a CSA layer with a
+        compressed entry to attend to; nothing is kept on the module between calls.
 
         ``doc_ids_BS`` (training, stateless only): non-decreasing document ids of
         packed sequences; a query sees window keys and compressed entries of its own
@@ -327,7 +352,7 @@ class Attention(nn.Module):
                 # causality puts the block's end before the query, so the whole block is in that
                 # document, and the compressor dropped the previous block if it started elsewhere.
                 entry_doc = doc_ids_BS[:, torch.arange(comp.shape[1], device=dev) * self.rate]  # [B,T]
-            out = self._core(q, kv, q_pos, pos0, state, comp, iq, iw, sel, doc_ids_BS, entry_doc)
+            out, kl = self._core(q, kv, q_pos, pos0, state, comp, iq, iw, sel, doc_ids_BS, entry_doc)
         else:
             rows = [self._entries(None if proj is None else [t if t is None else t[i:i + 1] for t in proj], st)
                     for i, st in enumerate(state)]  # each sequence's entries (its state updated)
@@ -338,8 +363,9 @@ class Attention(nn.Module):
                 for i, (st, (comp, sel)) in enumerate(zip(state, rows, strict=True)):
                     r = slice(i, i + 1)
                     out[r] = self._core(q[r], kv[r], q_pos[i], pos0[i], st, comp, None if iq is None else iq[r],
-                                        None if iw is None else iw[r], sel)
-        return self._output(out, hcos, hsin)
+                                        None if iw is None else iw[r], sel)[0]
+            kl = None  # a ragged batch is inference (decode states): no indexer training
+        return self._output(out, hcos, hsin), kl
 
     def _decode_rows(self, q, kv, pos_B, pos_list, states, rows, iq, iw):
         """One decode token for each row of a ragged batch, attended in one batched pass.
@@ -419,7 +445,7 @@ class Attention(nn.Module):
         """Attention of queries ``q [B,S,H,D]`` (positions ``q_pos [S]`` from ``pos0``) over the window
         (``state``'s ring + this call's ``kv [B,S,D]``) and the compressed entries ``comp [B,T,D]``
         (top-k picked with the indexer's ``iq``/``iw`` against its keys ``sel``); writes this call's
-        kv into the ring. Returns ``[B,S,H,D]`` before the inverse RoPE."""
+        kv into the ring. Returns ``(out [B,S,H,D] before the inverse RoPE, IndexerKL or None)``."""
         B, S, H, D = q.shape
         dev = q.device
         if state is not None:
@@ -427,6 +453,7 @@ class Attention(nn.Module):
         else:
             ring, ring_pos = kv[:, :0], q_pos[:0]
         out = torch.empty(B, S, H, D, dtype=q.dtype, device=dev)
+        kl = None
         for c0 in range(0, S, QUERY_CHUNK):
             c1 = min(S, c0 + QUERY_CHUNK)
             qp = q_pos[c0:c1]
@@ -466,7 +493,7 @@ class Attention(nn.Module):
                     ctx = ("sparse", comp, idx, valid)
                 else:
                     limit = (qp + 1) // self.rate
-                    T = min(comp.shape[1], int(limit.max().item()))
+                    T = min(comp.shape[1], (pos0 + c1) // self.rate)  # limit.max(), known on the host
                     vis = (torch.arange(T, device=dev).view(1, -1) < limit.view(-1, 1)).unsqueeze(0)
                     if same_doc is not None:
                         vis = vis & same_doc[..., :T]
@@ -483,19 +510,19 @@ class Attention(nn.Module):
                 if res is not None:
                     out[:, c0:c1] = res[0]
                     if self.indexer_kl and scores is not None and ctx is not None:
-                        self._accumulate_kl(self._comp_probs(q[:, c0:c1], res[1], ctx), scores, ctx)
+                        kl = self._chunk_kl(self._comp_probs(q[:, c0:c1], res[1], ctx), scores, ctx) + kl
                     continue
             o, p_comp = self._attend(q[:, c0:c1], keys, win_mask, ctx)
             out[:, c0:c1] = o
             if self.indexer_kl and scores is not None and ctx is not None:
-                self._accumulate_kl(p_comp, scores, ctx)
+                kl = self._chunk_kl(p_comp, scores, ctx) + kl
 
         if state is not None:
             n_keep = min(S, self.window)
             slots = torch.remainder(torch.arange(pos0 + S - n_keep, pos0 + S, device=dev), self.window)
             state.window[:, slots] = kv[:, S - n_keep:].to(state.window.dtype)
 
-        return out
+        return out, kl
 
     @torch.no_grad()
     def _comp_probs(self, q_BQHD: torch.Tensor, lse_BQH: torch.Tensor, ctx) -> torch.Tensor:
@@ -517,13 +544,15 @@ class Attention(nn.Module):
         p = torch.exp(logits * D ** -0.5 - lse_BQH.float().unsqueeze(-1))
         return p.masked_fill_(~mask.unsqueeze(2), 0.0)
 
-    def _accumulate_kl(self, p_comp_BQHT: torch.Tensor, scores_BQT: torch.Tensor, ctx) -> None:
+    def _chunk_kl(self, p_comp_BQHT: torch.Tensor, scores_BQT: torch.Tensor, ctx) -> IndexerKL:
         """KL(teacher || indexer) over the compressed entries of one query chunk.
 
         Teacher: CSA's joint softmax (window + compressed + sink) restricted to the
         compressed entries, summed over heads and L1-normalised (DeepSeek-V3.2 eq. 3),
         detached. Student: softmax of the index scores over the same entries -- all
         visible ones in dense mode (indexer warm-up), the top-k in sparse mode.
+        Rows that see no compressed entry (teacher mass 0) contribute exactly 0 and are
+        not counted; no host synchronisation.
         """
         teacher = p_comp_BQHT.detach().float().sum(2)  # [B,Q,T']
         if ctx[0] == "sparse":
@@ -535,15 +564,12 @@ class Attention(nn.Module):
             mask = mask.expand(teacher.shape)
         mass = teacher.sum(-1, keepdim=True)
         rows = (mass.squeeze(-1) > 0) & mask.any(-1)
-        if not bool(rows.any()):
-            return
         target = teacher / mass.clamp(min=1e-30)
         logq = torch.log_softmax(logits.masked_fill(~mask, float("-inf")), dim=-1)
+        # target is 0 on every entry of a row without mass, so such rows add exactly 0
         terms = torch.where(target > 0, target * (torch.log(target.clamp(min=1e-30)) - logq),
                             torch.zeros_like(target))
-        kl = terms.sum(-1)[rows].sum()
-        self.kl_sum = kl if self.kl_sum is None else self.kl_sum + kl
-        self.kl_rows += int(rows.sum())
+        return IndexerKL(terms.sum(), rows.sum())
 
     def _attend(self, q_BQHD, win_BKD, win_mask, ctx):
         """Joint softmax over window keys, compressed entries and the sink.

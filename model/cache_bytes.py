@@ -23,10 +23,10 @@ FP8 (1 B) and their ``r`` RoPE dims in BF16 (2 B); compressed index keys are FP8
 counted.
 
 The reference point is DeepSeek-V3.2's MLA cache: 656 B per token per layer (512
-FP8 latent + 64 BF16 RoPE dims + 16 B of scales) over 61 layers. SPEC quotes V4's
+FP8 latent + 64 BF16 RoPE dims + 16 B of scales) over 61 layers. The DeepSeek-V4 report gives V4's
 1M-token cache at about 7% (Flash) and 10% (Pro) of V3.2's. V3.2 also caches
 132 B/token/layer of FP8 indexer keys (with scale); that total is reported as
-``v32_with_indexer_bytes`` (about 50 GB at 2**20 tokens, the figure SPEC quotes).
+``v32_with_indexer_bytes`` (about 50 GB at 2**20 tokens, the figure the report quotes).
 """
 
 from __future__ import annotations

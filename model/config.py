@@ -13,7 +13,7 @@ Named flavors (``ModelArgs.flavor(name)``):
 - ``tiny``: 6 layers, hidden 256.
 - ``small``: 8 layers, hidden 512, paper-like ratios (window 128, m=4/128,
   top-k 128); the flavor the benchmark runs.
-- ``v4-flash`` / ``v4-pro``: the released shapes (SPEC section 1), for shape and
+- ``v4-flash`` / ``v4-pro``: the released shapes (docs/model.md §1), for shape and
   memory accounting on the ``meta`` device only.
 """
 
@@ -293,34 +293,18 @@ class ModelArgs:
     def from_yaml(cls, path: str | Path) -> ModelArgs:
         """Load from YAML; a top-level ``model:`` section is accepted.
 
-        The loader is PyYAML's safe loader, plus YAML 1.2 floats such as ``1e-6`` and
-        an error on duplicate keys.
+        Read with the project's one YAML reader (``model.safe_io.read_yaml``: PyYAML's safe
+        loader, YAML 1.2 floats such as ``1e-6``, an error naming both lines of a duplicate key).
 
         Raises:
             ValueError: naming the file: missing or not a regular file, not UTF-8 text
                 (e.g. a pickle), invalid YAML (with line and column; a tag that would
                 build a Python object, ``!!python/...``, included), empty, or bad fields.
         """
-        import yaml
-
-        from .safe_io import YAML_ALLOWED, yaml_refusal_hint
+        from .safe_io import read_yaml
 
         p = Path(path)
-        if not p.exists():
-            raise ValueError(f"model config {p} does not exist")
-        if not p.is_file():
-            raise ValueError(f"model config {p} is not a regular file")
-        try:
-            text = p.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{p}: not a UTF-8 text file (byte {e.start}: {e.reason}), refused; "
-                             f"{YAML_ALLOWED}") from None
-        except OSError as e:
-            raise ValueError(f"cannot read model config {p}: {e.strerror or e}") from None
-        try:
-            data = yaml.load(text, Loader=_yaml_loader())  # a yaml.SafeLoader subclass: no object tags
-        except yaml.YAMLError as e:
-            raise ValueError(f"{p}: not valid YAML: {_yaml_error_line(e)}{yaml_refusal_hint(e)}") from None
+        data = read_yaml(p, "model config")
         if isinstance(data, dict) and set(data) == {"model"}:
             data = data["model"]
         if data is None or data == {}:
@@ -362,46 +346,6 @@ class ModelArgs:
     def flavor(cls, name: str, **overrides: Any) -> ModelArgs:
         """A named flavor (``debug``, ``tiny``, ``small``, ``v4-flash``, ``v4-pro``) with overrides."""
         return FLAVORS_FN(name, **overrides)
-
-
-def _yaml_loader():
-    """A ``yaml.SafeLoader`` that also reads YAML 1.2 floats such as ``1e-6`` (PyYAML: a string)."""
-    import re
-
-    import yaml
-
-    class Loader(yaml.SafeLoader):
-        def construct_mapping(self, node, deep=False):
-            seen = set()
-            for key_node, _ in node.value:
-                key = self.construct_object(key_node, deep=deep)
-                try:
-                    duplicate = key in seen
-                except TypeError:  # unhashable key: SafeLoader reports it
-                    continue
-                if duplicate:
-                    raise yaml.constructor.ConstructorError(
-                        "while constructing a mapping", node.start_mark, f"duplicate key {key!r}",
-                        key_node.start_mark)
-                seen.add(key)
-            return super().construct_mapping(node, deep=deep)
-
-    Loader.add_implicit_resolver(
-        "tag:yaml.org,2002:float",
-        re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-        list("-+0123456789"))
-    return Loader
-
-
-def _yaml_error_line(e: Exception) -> str:
-    """A ``yaml.YAMLError`` as one line: the problem and, when known, where (1-based)."""
-    mark = getattr(e, "problem_mark", None)
-    problem = getattr(e, "problem", None)
-    if mark is not None:
-        return f"line {mark.line + 1}, column {mark.column + 1}: {problem or 'syntax error'}"
-    if getattr(e, "position", None) is not None and getattr(e, "reason", None):  # yaml.reader.ReaderError
-        return f"character {e.position}: {e.reason} ({e.character!r})"
-    return " ".join(str(e).split())
 
 
 def _flat_args(hint: Any) -> tuple:

@@ -1,6 +1,6 @@
 """Norms and manifold-constrained hyper-connections (mHC).
 
-mHC (arXiv 2512.24880; SPEC section 3): the residual stream is widened to
+mHC (arXiv 2512.24880; docs/model.md §3): the residual stream is widened to
 ``hc_mult`` = N streams ``X [B, S, N, D]``. Around every sub-layer F (attention,
 then MoE), from ``x = RMSNorm_noweight(flatten(X))``:
 
@@ -49,7 +49,7 @@ def sinkhorn_knopp(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor
 
     ``softmax`` over rows, ``+ eps``, then one column normalisation followed by
     ``iters - 1`` (row, column) normalisation pairs; every denominator gets ``+ eps``
-    (SPEC section 3; mHC paper eq. 8). Returns float32 like the input.
+    (docs/model.md §3; mHC paper eq. 8). Returns float32 like the input.
     """
     comb = torch.softmax(logits, dim=-1) + eps
     comb = comb / (comb.sum(dim=-2, keepdim=True) + eps)
@@ -113,7 +113,7 @@ class HyperConnection(nn.Module):
     @staticmethod
     def merge(streams_BSND: torch.Tensor, out_BSD: torch.Tensor, post_BSN: torch.Tensor,
               comb_BSNN: torch.Tensor) -> torch.Tensor:
-        """``X'_k = post_k * out + sum_j comb[j,k] X_j`` (the comb transpose, SPEC section 3)."""
+        """``X'_k = post_k * out + sum_j comb[j,k] X_j`` (the comb transpose, docs/model.md §3)."""
         dt = streams_BSND.dtype
         return post_BSN.to(dt).unsqueeze(-1) * out_BSD.unsqueeze(-2) + torch.matmul(
             comb_BSNN.to(dt).transpose(-1, -2), streams_BSND)

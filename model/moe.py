@@ -1,4 +1,4 @@
-"""Mixture of experts: shared expert + routed experts (SPEC section 4).
+"""Mixture of experts: shared expert + routed experts (docs/model.md §4).
 
 - Router scores ``s = sqrt(softplus(x W_g^T))`` (float32); selection
   ``topk(s + e_score_correction_bias)`` -- the bias only steers *selection*
@@ -16,11 +16,30 @@ Letters: N tokens, D hidden, E experts, K experts per token, I expert width.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelArgs
+
+
+@dataclass
+class Routing:
+    """What one MoE call routed: returned by ``MoE.forward`` (never stored on the module).
+
+    Attributes:
+        scores: router scores ``[N, E]`` float32, before the selection bias (the
+            balance loss's ``s``, DeepSeek-V3 eq. 19).
+        indices: selected experts ``[N, K]`` int64 (global expert ids).
+        learned: False for hash routing (``tid2eid``): such layers get neither the
+            bias update nor the balance loss.
+    """
+
+    scores: torch.Tensor
+    indices: torch.Tensor
+    learned: bool
 
 
 def score_fn(logits: torch.Tensor, kind: str) -> torch.Tensor:
@@ -88,7 +107,13 @@ class Experts(nn.Module):
         nn.init.normal_(self.down_proj, std=std)
 
     def forward(self, x_ND: torch.Tensor, indices_NK: torch.Tensor, weights_NK: torch.Tensor) -> torch.Tensor:
-        """Vectorised dispatch/combine: ``sum_k w[n,k] * expert_{idx[n,k]}(x[n])`` -> ``[N, D]``."""
+        """Vectorised dispatch/combine: ``sum_k w[n,k] * expert_{idx[n,k]}(x[n])`` -> ``[N, D]``.
+
+        The tokens per expert are read on the host (``counts``): the one synchronisation left in the
+        forward, because a grouped GEMM over variable-size groups needs its group sizes (as an
+        all-to-all needs its split sizes, ``comm.expert_parallel``); a device-side grouped-GEMM
+        kernel taking offsets would remove it.
+        """
         N, K = indices_NK.shape
         flat_e = indices_NK.reshape(-1)
         order = torch.argsort(flat_e, stable=True)
@@ -139,13 +164,13 @@ class SharedExpert(nn.Module):
 
 
 class MoE(nn.Module):
-    """Shared + routed experts for one layer. ``forward(x [B,S,D], input_ids [B,S])``
-    returns ``[B,S,D]``. After each call ``last_scores [N,E]`` and ``last_indices
-    [N,K]`` hold the routing of that call (used by balancing in training).
+    """Shared + routed experts for one layer. ``forward(x [B,S,D], input_ids [B,S], forced_indices)``
+    returns ``(out [B,S,D], Routing)``: the routing is a return value, so a recomputed
+    forward (activation checkpointing) neither changes nor repeats it.
 
-    Anticipatory routing (SPEC section 7): set ``forced_indices [N,K]`` to make the
-    next call use routing indices computed earlier (with older parameters); it is
-    consumed by that call.
+    Anticipatory routing (DeepSeek-V4 report, training stability; ``docs/training.md``):
+    ``forced_indices [N,K]`` makes the call use routing indices computed earlier (with
+    older parameters) instead of selecting; the weights still come from the current scores.
 
     Expert parallelism: set ``expert_parallel`` to a callable ``(x [N,D], indices
     [N,K] global expert ids, weights [N,K], experts) -> [N,D]`` (e.g.
@@ -161,24 +186,24 @@ class MoE(nn.Module):
         self.shared_experts = (SharedExpert(args.hidden_size, args.moe_intermediate_size * args.n_shared_experts,
                                             args.swiglu_limit, args.initializer_range)
                                if args.n_shared_experts > 0 else None)
-        self.last_scores: torch.Tensor | None = None
-        self.last_indices: torch.Tensor | None = None
-        self.forced_indices: torch.Tensor | None = None
         self.expert_parallel = None
 
-    def forward(self, x_BSD: torch.Tensor, input_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x_BSD: torch.Tensor, input_ids: torch.Tensor | None = None,
+                forced_indices: torch.Tensor | None = None) -> tuple[torch.Tensor, Routing]:
+        """``x [B,S,D]``, ``input_ids [B,S]`` (hash routing), ``forced_indices [B*S, K]`` or None.
+
+        Raises ValueError when ``forced_indices`` does not have one row per token.
+        """
         B, S, D = x_BSD.shape
         flat = x_BSD.reshape(-1, D)
         ids = input_ids.reshape(-1) if input_ids is not None else None
-        forced, self.forced_indices = self.forced_indices, None
-        if forced is not None and forced.shape[0] != flat.shape[0]:
-            raise ValueError(f"forced routing has {forced.shape[0]} rows for {flat.shape[0]} tokens")
-        scores, weights, indices = self.gate(flat, ids, forced)
-        self.last_scores, self.last_indices = scores, indices
+        if forced_indices is not None and forced_indices.shape[0] != flat.shape[0]:
+            raise ValueError(f"forced routing has {forced_indices.shape[0]} rows for {flat.shape[0]} tokens")
+        scores, weights, indices = self.gate(flat, ids, forced_indices)
         if self.expert_parallel is not None:
             out = self.expert_parallel(flat, indices, weights, self.experts).view(B, S, D)
         else:
             out = self.experts(flat, indices, weights).view(B, S, D)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x_BSD)
-        return out
+        return out, Routing(scores, indices, not self.gate.hashed)

@@ -1,4 +1,4 @@
-"""Muon + AdamW, as trained in DeepSeek-V4 (SPEC section 6), and the LR schedule.
+"""Muon + AdamW, as trained in DeepSeek-V4 (docs/training.md §7), and the LR schedule.
 
 Muon (Jordan et al. 2024; DeepSeek-V4 report section 4.2): for each matrix
 parameter W with gradient G,
@@ -121,7 +121,7 @@ class Muon(torch.optim.Optimizer):
 
 @dataclass
 class OptimConfig:
-    """Optimizer hyper-parameters (SPEC section 6; V4-Flash values by default)."""
+    """Optimizer hyper-parameters (docs/training.md §7; V4-Flash values by default)."""
 
     lr: float = 2.7e-4
     min_lr: float = 2.7e-5

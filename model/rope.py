@@ -1,4 +1,4 @@
-"""Partial, interleaved rotary position embedding (DeepSeek-V4, SPEC section 2).
+"""Partial, interleaved rotary position embedding (DeepSeek-V4, docs/model.md §2).
 
 V4 rotates only the trailing ``qk_rope_head_dim`` channels of each head, pairing
 consecutive channels (2i, 2i+1) ("interleaved" RoPE). Two frequency tables exist:

@@ -5,9 +5,11 @@ Unpickling a file runs whatever code its author put in it (a ``__reduce__`` that
 (the newer ones inside a zip archive). So tide reads:
 
 - tensors only from safetensors files (:func:`load_safetensors`, :func:`open_safetensors`);
-- configs, manifests and metadata only as JSON or YAML through ``yaml.safe_load`` (or a
-  ``yaml.SafeLoader`` subclass), which refuses tags that build Python objects
-  (``!!python/object/apply:os.system``);
+- configs, manifests and metadata only as JSON, or as YAML through :func:`read_yaml` --
+  the one YAML reader of the project (training configs, topologies, link models, model
+  YAMLs, the cluster YAML): a ``yaml.SafeLoader`` subclass, which refuses tags that build
+  Python objects (``!!python/object/apply:os.system``), refuses a key given twice in one
+  mapping (naming both lines), and reads YAML 1.2 floats such as ``1e-6``;
 - tokenizers only as ``tokenizers`` JSON files; token caches only as ``.npy`` with
   ``allow_pickle=False``.
 
@@ -19,10 +21,13 @@ file and what is allowed, before any library parses it.
 from __future__ import annotations
 
 import os
+import re
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # torch is imported where tensors are read, so the YAML reader loads without it
+    import torch
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt", ".tar")
 SAFETENSORS_ALLOWED = ("allowed: safetensors tensor files (*.safetensors; convert a PyTorch file you trust with "
@@ -123,3 +128,102 @@ def yaml_refusal_hint(e: Exception) -> str:
     import yaml
 
     return f"; {YAML_ALLOWED}" if isinstance(e, yaml.constructor.ConstructorError) else ""
+
+
+def yaml_loader():
+    """The ``yaml.SafeLoader`` subclass :func:`read_yaml` uses: duplicate keys refused (with the
+    lines of both), YAML 1.2 floats such as ``1e-6`` read as floats (PyYAML: a string)."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                try:
+                    first = seen.get(key)
+                except TypeError:  # unhashable key: SafeLoader reports it
+                    continue
+                if first is not None:
+                    raise yaml.constructor.ConstructorError(
+                        "while constructing a mapping", node.start_mark,
+                        f"duplicate key {key!r} (first given on line {first.line + 1})", key_node.start_mark)
+                seen[key] = key_node.start_mark
+            return super().construct_mapping(node, deep=deep)
+
+    Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+        list("-+0123456789"))
+    return Loader
+
+
+def yaml_error_line(e: Exception) -> str:
+    """A ``yaml.YAMLError`` as one line: the problem and, when known, where (1-based)."""
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None)
+    if mark is not None:
+        return f"line {mark.line + 1}, column {mark.column + 1}: {problem or 'syntax error'}"
+    if getattr(e, "position", None) is not None and getattr(e, "reason", None):  # yaml.reader.ReaderError
+        return f"character {e.position}: {e.reason} ({e.character!r})"
+    return " ".join(str(e).split())
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """Parse YAML ``text`` with :func:`yaml_loader`; ``where`` names it in errors.
+
+    Raises:
+        ValueError: ``"<where>: not valid YAML: line L, column C: <problem>"`` -- a syntax error,
+            a duplicate key (``duplicate key 'racks' (first given on line 3)``), or a tag that
+            would build a Python object (with what is allowed).
+    """
+    import yaml
+
+    try:
+        return yaml.load(text, Loader=yaml_loader())  # a SafeLoader subclass: no object tags
+    except yaml.YAMLError as e:
+        raise ValueError(f"{where}: not valid YAML: {yaml_error_line(e)}{yaml_refusal_hint(e)}") from None
+
+
+def read_yaml(path: str | os.PathLike, what: str) -> Any:
+    """Read the YAML file ``path`` (a ``what``: "training config", "topology", ...) with :func:`parse_yaml`.
+
+    Raises:
+        ValueError: naming the file: missing or not a regular file, not UTF-8 text (e.g. a
+            pickle), or invalid YAML as :func:`parse_yaml`.
+    """
+    return parse_yaml(read_text(path, what, f"(a {what} is YAML); {YAML_ALLOWED}"), str(path))
+
+
+def read_text(path: str | os.PathLike, what: str, allowed: str) -> str:
+    """The UTF-8 text of the config file ``path`` (a ``what``).
+
+    Raises:
+        ValueError: missing or not a regular file, not UTF-8 text (a pickle, say: the message
+            ends with ``allowed``), unreadable -- naming the file.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise ValueError(f"{what} {p} does not exist")
+    if not p.is_file():
+        raise ValueError(f"{what} {p} is not a regular file")
+    try:
+        return p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{p}: not a UTF-8 text file (byte {e.start}: {e.reason}), refused {allowed}") from None
+    except OSError as e:
+        raise ValueError(f"cannot read {what} {p}: {e.strerror or e}") from None
+
+
+def read_yaml_mapping(source: str | os.PathLike | dict, what: str) -> tuple[dict, str]:
+    """A YAML file holding a mapping, or a dict already parsed -> ``(mapping, name for messages)``.
+
+    Raises:
+        ValueError: as :func:`read_yaml`, or the file does not hold a mapping at the top level.
+    """
+    if isinstance(source, dict):
+        return dict(source), what
+    data = read_yaml(source, what)
+    if not isinstance(data, dict):
+        raise ValueError(f"{source}: expected a mapping at the top level (a {what})")
+    return data, str(source)

@@ -1,4 +1,4 @@
-"""One pipeline stage of the DeepSeek-V4 decoder (issue 4): a layer slice and an expert shard.
+"""One pipeline stage of the DeepSeek-V4 decoder: a layer slice and an expert shard.
 
 A ``PipelineStage`` owns the decoder layers ``[start, end)`` of a ``Transformer``;
 the first stage also owns the token embedding, the last one the hyper-head, the
@@ -8,37 +8,45 @@ Megatron does for tied embeddings). Of every MoE layer it keeps only the routed
 experts ``[expert_lo, expert_hi)`` of its expert shard; routers, shared experts and
 attention are replicated over the stage's expert shards (each shard sees
 different sequences -- the expert-parallel group is data parallel for them).
+A one-process run is the stage that holds everything (``PipelineStage.whole``).
 
 Parameter names are the full model's (``layers.5.mlp.experts.gate_up_proj``), so
 a stage's ``state_dict`` is a slice of the model's and checkpoints re-shard by
 name (``shard_state_dict`` / ``merge_state_dicts``).
 
 This module is single-process: expert dispatch/combine across shards is
-injected through ``MoE.expert_parallel`` (``comm.expert_parallel``).
-
-Losses are written as *sums* divided by batch-global counts (``LossNorms``), so
-that stages and shards that each see part of a batch add up to exactly the
-single-process ``model.training.compute_losses`` (sequence-wise balance loss
-and token-mean cross-entropies both decompose this way). The indexer KL is
-returned unnormalised: its gradient reaches only the indexers, whose gradients
-the caller divides by the global KL row count afterwards.
+injected through ``MoE.expert_parallel`` (``comm.expert_parallel``). The forward
+runs the layers through ``model.transformer.run_blocks``, the path the full model
+uses, and returns the routing and indexer KL as values (``ForwardAux``);
+:meth:`PipelineStage.losses` applies the objective of ``model.losses``.
 
 Letters: B batch, S sequence, N hc streams, E hidden, V vocab.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
 
 import torch
 from torch import nn
 
 from .attention import Attention
-from .moe import MoE
-from .state import ModelState, advance, check_rows, layer_state, start_positions
-from .training import IGNORE, LossConfig, _reset_kl, sequence_balance_loss
-from .transformer import Transformer
+from .losses import (
+    METRIC_KEYS,
+    LossConfig,
+    LossNorms,
+    bias_update,
+    combine_metrics,
+    expert_load,
+    mtp_targets,
+    sequence_balance_loss,
+    token_ce_sum,
+)
+from .moe import MoE, Router, Routing
+from .state import ModelState, advance, check_rows, start_positions
+from .transformer import BlockCall, ForwardAux, Transformer, run_blocks
 
+MTP_KEY = "mtp.0"  # routing / forced-routing key of the MTP block's MoE (its parameter prefix)
 EXPERT_TENSORS = ("gate_up_proj", "down_proj")
 
 
@@ -66,39 +74,26 @@ def shard_range(n_experts: int, ep_rank: int, ep_size: int) -> tuple[int, int]:
     return ep_rank * per, (ep_rank + 1) * per
 
 
-@dataclass
-class LossNorms:
-    """Batch-global denominators, so that partial sums over microbatches and shards
-    add up to the single-process means: ``ce_tokens`` (labels != -100),
-    ``mtp_tokens`` (MTP targets != -100), ``sequences`` (for the sequence-wise balance loss)."""
-
-    ce_tokens: int
-    mtp_tokens: int
-    sequences: int
-
-    @staticmethod
-    def of(batch: dict) -> LossNorms:
-        """Denominators of a whole (global) batch dict with ``labels [B,S]``."""
-        labels = batch["labels"]
-        mtp = labels[:, 1:].clone()
-        mtp[labels[:, :-1] == IGNORE] = IGNORE
-        return LossNorms(int((labels != IGNORE).sum()), int((mtp != IGNORE).sum()), int(labels.shape[0]))
-
-
 class PipelineStage(nn.Module):
     """Layers ``[start, end)`` of a ``Transformer`` and experts ``[expert_lo, expert_hi)``.
 
     Build with ``PipelineStage.from_model(model, start, end, first, last, ep_rank, ep_size)``
-    (the model's modules are taken over, routed experts sliced). ``forward``:
+    (the model's modules are taken over, routed experts sliced) or ``PipelineStage.whole(model)``.
+    ``forward(inp, input_ids, doc_ids, state, forced=, call=)`` returns ``(out, ForwardAux)``:
 
     - first stage: ``inp`` is None; embeds ``input_ids [B,S]`` into ``hc_mult`` streams;
     - other stages: ``inp`` is the previous stage's streams ``[B,S,N,E]``;
-    - returns streams ``[B,S,N,E]``, or on the last stage the hidden state after the
+    - ``out`` is streams ``[B,S,N,E]``, or on the last stage the hidden state after the
       hyper-head ``[B,S,E]`` (before the final norm), as ``Transformer.forward_hidden``;
     - with ``state`` (``new_state``; inference) positions continue from ``state.pos``
       and the state advances, as ``Transformer.forward`` with a ``ModelState`` (or a
-      list of per-row states: a ragged batch).
+      list of per-row states: a ragged batch);
+    - ``forced``: anticipatory routing, ``"layers.<i>" -> [B*S, K]`` expert ids;
+      ``call``: how each block is run (``model.remat.checkpointed``: activation checkpointing).
     """
+
+    MTP_KEY = MTP_KEY
+    METRIC_KEYS = METRIC_KEYS  # the partial sums ``losses`` returns (reduced by the runner)
 
     def __init__(self, args, start: int, end: int, first: bool, last: bool, expert_lo: int, expert_hi: int):
         super().__init__()
@@ -138,6 +133,11 @@ class PipelineStage(nn.Module):
                     setattr(ex, name, nn.Parameter(getattr(ex, name).detach()[lo:hi].clone()))
         return st
 
+    @classmethod
+    def whole(cls, model: Transformer) -> PipelineStage:
+        """The stage holding all of ``model`` (a one-process run); shares the model's modules."""
+        return cls.from_model(model, 0, len(model.layers), True, True)
+
     # ------------------------------------------------------------------ parts
     @staticmethod
     def loss_norms(batch: dict) -> LossNorms:
@@ -149,13 +149,23 @@ class PipelineStage(nn.Module):
         """``model.stage.is_expert_param``: a routed-expert tensor (sharded, dim 0 = expert)."""
         return is_expert_param(name)
 
+    def model_order_parameters(self) -> list[nn.Parameter]:
+        """This stage's parameters in the full ``Transformer``'s order (embedding, layers, hyper-head,
+        norm, LM head, MTP): what a one-process loop over ``model.parameters()`` iterates."""
+        rank = {"embed_tokens": 0, "layers": 1, "hc_head": 2, "norm": 3, "lm_head": 4, "mtp": 5}
+        named = list(self.named_parameters())
+        order = sorted(range(len(named)), key=lambda i: (rank[named[i][0].split(".", 1)[0]], i))
+        return [named[i][1] for i in order]
+
     def moes(self) -> list[MoE]:
         """Every MoE of this stage (its layers', then MTP's)."""
         return [m for m in self.modules() if isinstance(m, MoE)]
 
-    def routed_moes(self) -> list[tuple[int, MoE]]:
-        """``(layer index, MoE)`` of the decoder layers with learned routing (not MTP)."""
-        return [(int(i), blk.mlp) for i, blk in self.layers.items() if not blk.mlp.gate.hashed]
+    def gate(self, key: str) -> Router:
+        """The router of the MoE named ``key`` (``"layers.<i>"`` or ``MTP_KEY``)."""
+        if key == MTP_KEY:
+            return self.mtp[0].block.mlp.gate
+        return self.layers[key.split(".", 1)[1]].mlp.gate
 
     def attentions(self) -> list[Attention]:
         return [m for m in self.modules() if isinstance(m, Attention)]
@@ -172,8 +182,9 @@ class PipelineStage(nn.Module):
         return st
 
     # ---------------------------------------------------------------- forward
-    def forward(self, inp: torch.Tensor | None, input_ids: torch.Tensor,
-                doc_ids: torch.Tensor | None = None, state: ModelState | None = None) -> torch.Tensor:
+    def forward(self, inp: torch.Tensor | None, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None,
+                state: ModelState | None = None, *, forced: Mapping[str, torch.Tensor] | None = None,
+                call: BlockCall | None = None) -> tuple[torch.Tensor, ForwardAux]:
         if self.first:
             x = self.embed_tokens(input_ids)
             streams = x.unsqueeze(2).expand(-1, -1, self.args.hc_mult, -1).contiguous()
@@ -184,64 +195,95 @@ class PipelineStage(nn.Module):
             streams = inp
         check_rows(state, input_ids.shape[0], input_ids.shape[1], self.args.max_position_embeddings)
         pos0 = start_positions(state)
-        for j, blk in enumerate(self.layers.values()):
-            streams = blk(streams, input_ids, pos0, layer_state(state, j), doc_ids)
+        streams, aux = run_blocks(((f"layers.{i}", blk) for i, blk in self.layers.items()), streams, input_ids,
+                                  pos0, state, doc_ids, forced, call)
         advance(state, input_ids.shape[1])
-        return self.hc_head(streams) if self.last else streams
+        return (self.hc_head(streams) if self.last else streams), aux
 
     def logits(self, hidden_BSE: torch.Tensor) -> torch.Tensor:
         """LM-head logits ``[B,S,V]`` of the last stage's ``forward`` output (final norm + head)."""
         return self.lm_head(self.norm(hidden_BSE))
 
-    def losses(self, out: torch.Tensor, batch: dict, norms: LossNorms, cfg: LossConfig) -> tuple[torch.Tensor, dict]:
-        """This stage's share of the training objective for one (micro)batch after ``forward``.
+    def mtp_forward(self, hidden_BSE: torch.Tensor, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None, *,
+                    forced: Mapping[str, torch.Tensor] | None = None, call: BlockCall | None = None
+                    ) -> tuple[torch.Tensor, Routing]:
+        """The MTP block on the last stage: ``(hidden [B,S-1,E] predicting tokens i+2, its Routing)``."""
+        nxt = input_ids[:, 1:]
+        return self.mtp[0](hidden_BSE[:, :-1], self.embed_tokens(nxt), nxt,
+                           doc_ids=doc_ids[:, :-1] if doc_ids is not None else None,
+                           forced_indices=None if forced is None else forced.get(MTP_KEY), call=call)
 
-        ``out`` is ``forward``'s result, ``batch`` the microbatch (``input_ids``,
-        ``labels``, optional ``doc_ids``, all ``[b,S]``). Returns ``(loss, sums)``:
-        ``loss`` is a scalar to backpropagate (CE and MTP on the last stage, the
-        balance loss of this stage's routed layers, all over ``norms``; plus the
-        *unnormalised* indexer KL sum, see the module docstring) or None when
-        nothing here needs a gradient; ``sums`` holds float partial sums
-        ``ce``, ``mtp``, ``balance`` (already divided by ``norms``), ``kl_sum``, ``kl_rows``.
+    def runs_mtp(self, cfg: LossConfig, seq_len: int) -> bool:
+        """Whether ``losses`` runs the MTP block for this config and sequence length."""
+        return self.last and cfg.mtp_weight > 0 and len(self.mtp) > 0 and seq_len > 2
+
+    def losses(self, out: torch.Tensor, aux: ForwardAux, batch: dict, norms: LossNorms, cfg: LossConfig, *,
+               forced: Mapping[str, torch.Tensor] | None = None, call: BlockCall | None = None,
+               kl_rows: float | None = None) -> tuple[torch.Tensor | None, dict, dict[str, Routing]]:
+        """This stage's share of the training objective (``model.losses``) for one (micro)batch.
+
+        ``out``, ``aux``: ``forward``'s result; ``batch`` the microbatch (``input_ids``,
+        ``labels``, optional ``doc_ids``, all ``[b,S]``); ``norms`` the global batch's.
+        Returns ``(loss, sums, routing)``:
+
+        - ``loss``: a scalar to backpropagate (CE and MTP on the last stage, the balance loss
+          of this stage's learned-routing MoEs, all over ``norms``; plus the indexer KL sum,
+          divided by ``kl_rows`` when given, else unnormalised: the caller divides the
+          indexers' gradients by the global row count), or None when nothing here needs a gradient;
+        - ``sums``: float partial sums ``ce``, ``mtp``, ``balance`` (already divided by
+          ``norms``), ``kl_sum``, ``kl_rows`` -- those this stage produced;
+        - ``routing``: the routing of every MoE that ran (the layers', and the MTP block's when
+          ``cfg.mtp_balance``), for the expert loads of the bias update.
         """
         ids, labels, docs = batch["input_ids"], batch["labels"], batch.get("doc_ids")
         b, S = ids.shape
         terms: list[torch.Tensor] = []
         sums: dict[str, float] = {}
+        routing = dict(aux.routing)
+        balanced: list[tuple[Routing, int]] = [(r, S) for r in aux.routing.values() if r.learned]
         if self.last:
-            logits = self.lm_head(self.norm(out))
-            ce = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                                   ignore_index=IGNORE, reduction="sum") / max(norms.ce_tokens, 1)
+            ce = token_ce_sum(self.logits(out), labels) / max(norms.ce_tokens, 1)
             terms.append(ce)
             sums["ce"] = float(ce.detach())
-            if cfg.mtp_weight > 0 and len(self.mtp) and S > 2:
-                nxt = ids[:, 1:]
-                h = self.mtp[0](out[:, :-1], self.embed_tokens(nxt), nxt,
-                                doc_ids=docs[:, :-1] if docs is not None else None)
-                mlog = self.lm_head(h)
-                target = labels[:, 1:].clone()
-                target[labels[:, :-1] == IGNORE] = IGNORE
-                mtp = torch.nn.functional.cross_entropy(mlog.float().reshape(-1, mlog.shape[-1]), target.reshape(-1),
-                                                        ignore_index=IGNORE, reduction="sum") / max(norms.mtp_tokens, 1)
+            if self.runs_mtp(cfg, S):
+                h, r = self.mtp_forward(out, ids, docs, forced=forced, call=call)
+                mtp = token_ce_sum(self.lm_head(h), mtp_targets(labels)) / max(norms.mtp_tokens, 1)
                 terms.append(cfg.mtp_weight * mtp)
                 sums["mtp"] = float(mtp.detach())
-        if cfg.balance_weight > 0:
-            routed = self.routed_moes()
-            if routed:
-                bal = torch.stack([sequence_balance_loss(m, b, S) for _, m in routed]).sum() * (b / norms.sequences)
-                terms.append(cfg.balance_weight * bal)
-                sums["balance"] = float(bal.detach())
-        kls = [(a.kl_sum, a.kl_rows) for a in self.attentions() if a.kl_sum is not None and a.kl_rows]
-        if kls:
-            kl_sum = sum(k for k, _ in kls)
-            terms.append(cfg.indexer_kl_weight * kl_sum)
-            sums["kl_sum"] = float(kl_sum.detach())
-            sums["kl_rows"] = float(sum(n for _, n in kls))
-        _reset_kl(self)
+                if cfg.mtp_balance:
+                    routing[MTP_KEY] = r
+                    balanced.append((r, S - 1))
+        if cfg.balance_weight > 0 and balanced:
+            bal = torch.stack([sequence_balance_loss(r, b, n) for r, n in balanced]).sum() * (b / norms.sequences)
+            terms.append(cfg.balance_weight * bal)
+            sums["balance"] = float(bal.detach())
+        kl = aux.kl
+        rows = float(kl.rows) if kl is not None else 0.0
+        if rows > 0:
+            terms.append(cfg.indexer_kl_weight * (kl.total if kl_rows is None else kl.total / kl_rows))
+            sums["kl_sum"] = float(kl.total.detach())
+            sums["kl_rows"] = rows
         if cfg.mode == "indexer_warmup":  # the main model is frozen: only the KL trains (the indexers)
-            terms = terms[-1:] if kls else []
+            terms = terms[-1:] if rows > 0 else []
         terms = [t for t in terms if t.requires_grad]
-        return (torch.stack(terms).sum() if terms else None), sums
+        return (torch.stack(terms).sum() if terms else None), sums, routing
+
+    @staticmethod
+    def combine_metrics(totals: dict[str, float], present: set[str], cfg: LossConfig) -> dict[str, float]:
+        """``model.losses.combine_metrics``: the step's metrics from the global sums."""
+        return combine_metrics(totals, present, cfg)
+
+    def expert_loads(self, routing: dict[str, Routing]) -> dict[str, torch.Tensor]:
+        """Tokens per expert ``[n_routed_experts]`` of every MoE in ``routing`` (one microbatch)."""
+        return {k: expert_load(r, self.args.n_routed_experts) for k, r in routing.items()}
+
+    @torch.no_grad()
+    def update_router_biases(self, loads: dict[str, torch.Tensor], speed: float | None) -> dict[str, float]:
+        """The auxiliary-loss-free bias update (``model.losses.bias_update``) of every MoE in
+        ``loads`` (the step's *global* tokens per expert). Returns ``{"load_cv/<layer>": cv}``
+        (``load_cv/mtp`` for the MTP block)."""
+        return {"load_cv/" + ("mtp" if k == MTP_KEY else k.split(".", 1)[1]): bias_update(self.gate(k), load, speed)
+                for k, load in loads.items()}
 
     def indexer_parameters(self) -> list[nn.Parameter]:
         return [p for a in self.attentions() if a.compressor is not None and hasattr(a.compressor, "indexer")

@@ -9,22 +9,74 @@ Letters: B batch, S sequence, N hc streams, E hidden, V vocab.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .attention import Attention
+from .attention import Attention, IndexerKL
 from .config import SWA, ModelArgs
+from .inputs import check_shapes, check_tokens
 from .layers import HyperConnection, HyperHead, RMSNorm
-from .moe import MoE
+from .moe import MoE, Routing
 from .state import ModelState, advance, check_rows, layer_state, start_positions
 
 DEFAULT_PREFILL_CHUNK = 2048
 
 
+@dataclass
+class ForwardAux:
+    """What a training forward returns besides activations (nothing of it is kept on modules).
+
+    Attributes:
+        routing: per MoE, keyed by the owner's parameter prefix (``"layers.3"``,
+            ``"mtp.0"``): its ``Routing`` (scores and selected experts).
+        kl: the indexer-training KL summed over this forward's CSA layers, or None.
+    """
+
+    routing: dict[str, Routing] = field(default_factory=dict)
+    kl: IndexerKL | None = None
+
+    def add(self, name: str, routing: Routing, kl: IndexerKL | None = None) -> None:
+        self.routing[name] = routing
+        if kl is not None:
+            self.kl = kl + self.kl
+
+
+# ``call(block, *args)`` runs one block; the default calls it. Activation checkpointing passes
+# ``model.remat.checkpointed`` (recompute the block in backward), from outside the model.
+BlockCall = Callable[..., tuple]
+
+
+def run_blocks(blocks: Iterable[tuple[str, Block]], streams_BSNE: torch.Tensor, input_ids: torch.Tensor,
+               pos0=0, state=None, doc_ids: torch.Tensor | None = None,
+               forced: Mapping[str, torch.Tensor] | None = None, call: BlockCall | None = None,
+               aux: ForwardAux | None = None) -> tuple[torch.Tensor, ForwardAux]:
+    """The layer-running path shared by ``Transformer`` and ``model.stage.PipelineStage``.
+
+    Args:
+        blocks: ``(name, Block)`` in order; ``name`` (``"layers.<i>"``) keys ``forced``
+            and the returned routing. ``state`` (a ``ModelState`` of these blocks, a list
+            of per-row states, or None) is indexed by position in ``blocks``.
+        streams_BSNE: hc streams ``[B,S,N,E]``; ``input_ids [B,S]`` (hash routing).
+        forced: anticipatory routing: ``name -> [B*S, K]`` expert ids to use instead of selecting.
+        call: ``call(block, *args)`` instead of ``block(*args)`` (activation checkpointing).
+        aux: add to this ``ForwardAux`` (default: a new one).
+    Returns:
+        ``(streams [B,S,N,E], aux)``.
+    """
+    aux = ForwardAux() if aux is None else aux
+    for j, (name, blk) in enumerate(blocks):
+        args = (streams_BSNE, input_ids, pos0, layer_state(state, j), doc_ids,
+                None if forced is None else forced.get(name))
+        streams_BSNE, routing, kl = blk(*args) if call is None else call(blk, *args)
+        aux.add(name, routing, kl)
+    return streams_BSNE, aux
+
+
 class Block(nn.Module):
-    """One decoder layer: ``X <- mHC(attention)``, then ``X <- mHC(MoE)`` (SPEC sections 2-4)."""
+    """One decoder layer: ``X <- mHC(attention)``, then ``X <- mHC(MoE)`` (report section 2; ``docs/model.md``)."""
 
     def __init__(self, args: ModelArgs, layer_type: str, mlp_type: str):
         super().__init__()
@@ -39,17 +91,19 @@ class Block(nn.Module):
         self.ffn_hc = HyperConnection(**hc)
 
     def forward(self, streams_BSNE: torch.Tensor, input_ids: torch.Tensor | None, pos0: int = 0,
-                state=None, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+                state=None, doc_ids: torch.Tensor | None = None, forced_indices: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, Routing, IndexerKL | None]:
+        """``(streams [B,S,N,E], the MoE's Routing, the attention's IndexerKL or None)``."""
         post, comb, x = self.attn_hc(streams_BSNE)
-        a = self.self_attn(self.input_layernorm(x), pos0, state, doc_ids)
+        a, kl = self.self_attn(self.input_layernorm(x), pos0, state, doc_ids)
         streams_BSNE = HyperConnection.merge(streams_BSNE, a, post, comb)
         post, comb, x = self.ffn_hc(streams_BSNE)
-        m = self.mlp(self.post_attention_layernorm(x), input_ids)
-        return HyperConnection.merge(streams_BSNE, m, post, comb)
+        m, routing = self.mlp(self.post_attention_layernorm(x), input_ids, forced_indices)
+        return HyperConnection.merge(streams_BSNE, m, post, comb), routing, kl
 
 
 class MTPBlock(nn.Module):
-    """Multi-token prediction module, depth 1 (DeepSeek-V3 section 2.2, SPEC section 5).
+    """Multi-token prediction module, depth 1 (DeepSeek-V3 section 2.2, docs/model.md §5).
 
     At position i it combines the main model's hidden state ``h_i`` (after the
     hyper-head, before the final norm) with the embedding of token ``t_{i+1}``:
@@ -72,12 +126,15 @@ class MTPBlock(nn.Module):
         self.norm = RMSNorm(E, args.rms_norm_eps)
 
     def forward(self, hidden_BSE: torch.Tensor, next_emb_BSE: torch.Tensor, next_ids: torch.Tensor,
-                pos0: int = 0, state=None, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Returns the normalised MTP hidden ``[B,S,E]`` (apply the LM head for logits)."""
+                pos0: int = 0, state=None, doc_ids: torch.Tensor | None = None,
+                forced_indices: torch.Tensor | None = None, call: BlockCall | None = None
+                ) -> tuple[torch.Tensor, Routing]:
+        """``(normalised MTP hidden [B,S,E], its MoE's Routing)``; apply the LM head for logits."""
         x = self.eh_proj(torch.cat([self.enorm(next_emb_BSE), self.hnorm(hidden_BSE)], dim=-1))
         streams = x.unsqueeze(2).expand(-1, -1, self.hc_mult, -1).contiguous()
-        streams = self.block(streams, next_ids, pos0, state, doc_ids)
-        return self.norm(self.hc_head(streams))
+        args = (streams, next_ids, pos0, state, doc_ids, forced_indices)
+        streams, routing, _ = self.block(*args) if call is None else call(self.block, *args)  # SWA: no KL
+        return self.norm(self.hc_head(streams)), routing
 
 
 class Transformer(nn.Module):
@@ -97,7 +154,7 @@ class Transformer(nn.Module):
         self.embed_tokens = nn.Embedding(args.vocab_size, E)
         nn.init.normal_(self.embed_tokens.weight, std=args.initializer_range)
         self.layers = nn.ModuleList(
-            Block(args, lt, mt) for lt, mt in zip(args.layer_types, args.mlp_layer_types))
+            Block(args, lt, mt) for lt, mt in zip(args.layer_types, args.mlp_layer_types, strict=True))
         self.hc_head = HyperHead(E, args.hc_mult, args.hc_eps, args.rms_norm_eps)
         self.norm = RMSNorm(E, args.rms_norm_eps)
         self.lm_head = nn.Linear(E, args.vocab_size, bias=False)
@@ -121,27 +178,20 @@ class Transformer(nn.Module):
 
         ``doc_ids [B,S]`` (optional, training): non-decreasing document ids of packed
         sequences; tokens attend only within their document (sample-level masking).
+        Token values are not checked here (that would synchronise with the device on
+        every call): validate a batch or request once with ``model.inputs.check_tokens``.
         """
-        if not isinstance(input_ids, torch.Tensor):
-            raise ValueError(f"input_ids must be a torch.LongTensor [batch, seq], got {type(input_ids).__name__}")
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
-        if input_ids.shape[0] == 0:
-            raise ValueError("input_ids has batch size 0")
-        if input_ids.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"input_ids must be int64 (or int32) token ids, got {input_ids.dtype}")
-        if input_ids.shape[1] == 0:
-            raise ValueError("input_ids has no tokens (sequence length 0)")
-        if input_ids.numel():
-            lo, hi = int(input_ids.min()), int(input_ids.max())
-            if lo < 0 or hi >= self.args.vocab_size:
-                raise ValueError(f"token ids must be in [0, {self.args.vocab_size}), got min {lo}, max {hi}")
-        if doc_ids is not None:
-            if doc_ids.shape != input_ids.shape:
-                raise ValueError(f"doc_ids shape {tuple(doc_ids.shape)} must equal input_ids shape "
-                                 f"{tuple(input_ids.shape)}")
-            if input_ids.shape[1] > 1 and bool((doc_ids[:, 1:] < doc_ids[:, :-1]).any()):
-                raise ValueError("doc_ids must be non-decreasing along the sequence (one id per packed document)")
+        return self.run(input_ids, state, doc_ids)[0]
+
+    def run(self, input_ids: torch.Tensor, state: ModelState | None = None, doc_ids: torch.Tensor | None = None,
+            *, forced: Mapping[str, torch.Tensor] | None = None, call: BlockCall | None = None
+            ) -> tuple[torch.Tensor, ForwardAux]:
+        """``forward_hidden`` that also returns the ``ForwardAux`` (routing per MoE, indexer KL).
+
+        ``forced`` / ``call``: see ``run_blocks``. Raises ValueError for inputs whose shape,
+        dtype or positions are wrong (checked on the host, no device synchronisation).
+        """
+        check_shapes(input_ids, doc_ids)
         check_rows(state, input_ids.shape[0], input_ids.shape[1], self.args.max_position_embeddings)
         if input_ids.shape[1] > self.args.max_position_embeddings:
             raise ValueError(f"sequence reaches position {input_ids.shape[1]}, beyond "
@@ -149,10 +199,10 @@ class Transformer(nn.Module):
         pos0 = start_positions(state)
         x = self.embed_tokens(input_ids)
         streams = x.unsqueeze(2).expand(-1, -1, self.args.hc_mult, -1).contiguous()
-        for i, layer in enumerate(self.layers):
-            streams = layer(streams, input_ids, pos0, layer_state(state, i), doc_ids)
+        streams, aux = run_blocks(((f"layers.{i}", blk) for i, blk in enumerate(self.layers)), streams, input_ids,
+                                  pos0, state, doc_ids, forced, call)
         advance(state, input_ids.shape[1])
-        return self.hc_head(streams)
+        return self.hc_head(streams), aux
 
     def forward(self, input_ids: torch.Tensor, state: ModelState | None = None,
                 logits_to_keep: int = 0, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -169,7 +219,7 @@ class Transformer(nn.Module):
             raise ValueError("this model has num_nextn_predict_layers = 0 (no MTP module)")
         nxt = input_ids[:, 1:]
         docs = doc_ids[:, :-1] if doc_ids is not None else None
-        h = self.mtp[0](hidden_BSE[:, :-1], self.embed_tokens(nxt), nxt, doc_ids=docs)
+        h, _ = self.mtp[0](hidden_BSE[:, :-1], self.embed_tokens(nxt), nxt, doc_ids=docs)
         return self.lm_head(h)
 
     # -------------------------------------------------------------- inference
@@ -180,6 +230,7 @@ class Transformer(nn.Module):
         O(chunk) + state); returns the last position's logits ``[B, V]``."""
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        check_tokens(input_ids, self.args.vocab_size)
         logits = None
         for s in range(0, input_ids.shape[1], chunk_size):
             logits = self.forward(input_ids[:, s:s + chunk_size], state, logits_to_keep=1)

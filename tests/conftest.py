@@ -17,7 +17,7 @@ import pytest  # noqa: E402
 
 @pytest.fixture(scope="session")
 def repo_root() -> str:
-    """Absolute path of the repository root (where ``python -m cluster.cli`` runs)."""
+    """Absolute path of the repository root (where ``python -m cli`` runs)."""
     return ROOT
 
 
@@ -26,7 +26,7 @@ def two_racks():
     """A local Ray cluster with two labelled raylets (rack=r0, rack=r1; 2 logical CPUs each), per test module."""
     import ray
 
-    from cluster.local_racks import start_local_racks
+    from cluster.launch.local_racks import start_local_racks
 
     racks = start_local_racks({"r0": 2, "r1": 2})
     yield racks

@@ -1,4 +1,4 @@
-"""The ``tide`` CLI, run as a subprocess (``python -m cluster.cli``) from the repository root."""
+"""The ``tide`` CLI, run as a subprocess (``python -m cli``) from the repository root."""
 
 from __future__ import annotations
 
@@ -11,13 +11,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cluster.cli import CLIError, byte_tokens, continuation_text, load_text, timed_greedy
+from cli.common import CLIError
+from cli.demo import byte_tokens, continuation_text, load_text, timed_greedy
 from model.config import ModelArgs
 
 
 def tide(repo_root, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     """Run ``tide ARGS`` and capture its output."""
-    return subprocess.run([sys.executable, "-m", "cluster.cli", *args], cwd=repo_root,
+    return subprocess.run([sys.executable, "-m", "cli", *args], cwd=repo_root,
                           capture_output=True, text=True, timeout=timeout)
 
 

@@ -1,4 +1,4 @@
-"""Secure defaults (issue 7): nothing is ever unpickled, YAML only through a safe loader,
+"""Secure defaults: nothing is ever unpickled, YAML only through a safe loader,
 secrets (the Serve API key, the Ray auth token) never appear in logs, output or run files.
 
 Every loader that takes a user path gets a malicious pickle (a ``__reduce__`` that creates a
@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 import torch
 
-from cluster import checkpoint as ckpt
+from cluster.checkpoint import store as ckpt
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -105,8 +105,8 @@ def run(tmp_path_factory) -> Run:
     import contextlib
     import io
 
-    from cluster.train_config import load_train_config
-    from cluster.trainer import Trainer
+    from cluster.training.config import load_train_config
+    from cluster.training.trainer import train
 
     tmp = tmp_path_factory.mktemp("runs")
     cfg = tiny_train_config(tmp, "tiny")
@@ -127,7 +127,7 @@ def run(tmp_path_factory) -> Run:
         mp.setenv("TIDE_API_KEY", API_KEY)
         try:
             with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
-                Trainer(load_train_config(cfg), progress="none").run()
+                train(load_train_config(cfg), in_process=True, progress="none")
         finally:
             root.removeHandler(handler)
             root.setLevel(old_level)
@@ -137,7 +137,7 @@ def run(tmp_path_factory) -> Run:
 @pytest.fixture(scope="module")
 def hf_dir(run, tmp_path_factory) -> Path:
     """The run's checkpoint exported as an HF directory (with its tokenizer files)."""
-    from cluster.trainer import export_hf
+    from cluster.checkpoint.models import export_hf
 
     out = tmp_path_factory.mktemp("hf") / "model"
     export_hf(run.dir, out)
@@ -168,7 +168,7 @@ class Env:
     def evil(self, path: Path) -> Path:
         return write_evil(path, self.marker, self.kind)
 
-    def bad_run(self, group: str = "model", fix_manifest: bool = True) -> Path:
+    def bad_run(self, group: str = "stage0-ep0", fix_manifest: bool = True) -> Path:
         """A copy of the run whose latest checkpoint's ``<group>.safetensors`` is the malicious file."""
         dst = self.tmp / "badrun"
         shutil.copytree(self.run.dir, dst)
@@ -180,7 +180,7 @@ class Env:
             _rewrite_manifest(ck)
         return dst
 
-    def bad_ckpt(self, group: str = "model", fix_manifest: bool = True) -> Path:
+    def bad_ckpt(self, group: str = "stage0-ep0", fix_manifest: bool = True) -> Path:
         return ckpt.list_checkpoints(self.bad_run(group, fix_manifest) / "checkpoints")[-1]
 
     def bad_hf(self, what: str) -> Path:
@@ -206,46 +206,56 @@ class Env:
 
 # ------------------------------------------------------------- every loader
 def _load_checkpoint(env):
-    ckpt.load_checkpoint(env.bad_ckpt("model"))
+    ckpt.load_checkpoint(env.bad_ckpt())
 
 
-def _load_checkpoint_optimizer(env):
-    ckpt.load_checkpoint(env.bad_ckpt("optimizer"))
+def _load_legacy_checkpoint_optimizer(env):
+    """A one-process checkpoint of the earlier format (model + optimizer groups), its optimizer a pickle."""
+    from cluster.checkpoint.sharded import load_pipeline_full
+
+    ck = env.tmp / "legacy" / "step-00000004"
+    shutil.copytree(Path(__file__).parent / "fixtures" / "legacy" / "single" / "checkpoints" / ck.name, ck)
+    env.evil(ck / "optimizer.safetensors")
+    _rewrite_manifest(ck)
+    load_pipeline_full(ck)
 
 
 def _load_checkpoint_manifest_not_rewritten(env):
-    ckpt.load_checkpoint(env.bad_ckpt("model", fix_manifest=False))
+    ckpt.load_checkpoint(env.bad_ckpt(fix_manifest=False))
 
 
 def _verify_checkpoint(env):  # `python -m cluster.checkpoint verify` and tide serve's pre-flight
-    problems = ckpt.verify_checkpoint(env.bad_ckpt("model"))
+    problems = ckpt.verify_checkpoint(env.bad_ckpt())
     raise ValueError("; ".join(problems) or "no problem found")
 
 
-def _pipeline_checkpoint(env):  # PipelineTrainer resume and every layout conversion go through this
-    from cluster.pipeline_checkpoint import load_pipeline_full
+def _pipeline_checkpoint(env):  # the trainer's resume and every layout conversion go through this
+    from cluster.checkpoint.sharded import load_pipeline_full
 
-    load_pipeline_full(env.bad_ckpt("model"))
+    load_pipeline_full(env.bad_ckpt())
 
 
-def _trainer_resume_from(env):  # Trainer(resume_from=...): Ray Train's restored checkpoint
-    from cluster.train_config import load_train_config
-    from cluster.trainer import Trainer
+def _trainer_resume(env):  # the trainer resuming a run whose newest checkpoint holds a pickle
+    from cluster.training.config import load_train_config
+    from cluster.training.trainer import Trainer
 
-    bad = env.bad_run("optimizer")
+    bad = env.bad_run()
     cfg = {**env.run.cfg, "name": bad.name, "storage_path": str(bad.parent)}
-    Trainer(load_train_config(cfg), resume_from=ckpt.list_checkpoints(bad / "checkpoints")[-1],
-            progress="none", log=lambda m: None).setup()
+    tr = Trainer(load_train_config(cfg), in_process=True, progress="none", log=lambda m: None)
+    try:
+        tr.setup()
+    finally:
+        tr.shutdown()
 
 
 def _load_trained_model(env):
-    from cluster.trainer import load_trained_model
+    from cluster.checkpoint.models import load_trained_model
 
-    load_trained_model(env.bad_run("model"))
+    load_trained_model(env.bad_run())
 
 
 def _tide_export(env):
-    _cli(["export", str(env.bad_run("model")), str(env.tmp / "out")])
+    _cli(["export", str(env.bad_run()), str(env.tmp / "out")])
 
 
 def _tide_export_pt_file(env):
@@ -255,7 +265,7 @@ def _tide_export_pt_file(env):
 def _tide_serve_preflight(env):
     from comm.launch import free_port
 
-    _cli(["serve", str(env.bad_run("model")), "--port", str(free_port())])
+    _cli(["serve", str(env.bad_run()), "--port", str(free_port())])
 
 
 def _tide_serve_pt_file(env):
@@ -267,7 +277,7 @@ def _tide_serve_pt_file(env):
 def _serve_loader_run(env):  # what the Serve replica runs (deploy.serve:build -> load_engine)
     from deploy.loader import load_engine
 
-    load_engine(env.bad_run("model"))
+    load_engine(env.bad_run())
 
 
 def _serve_build_pt_file(env):  # serve run deploy.serve:build path=...
@@ -318,7 +328,7 @@ def _token_cache(env):  # the token stream cache (.npy) of cluster/data.py holdi
 
 
 def _training_config(env):
-    from cluster.train_config import load_train_config
+    from cluster.training.config import load_train_config
 
     load_train_config(env.evil(env.tmp / "train.yaml"))
 
@@ -330,15 +340,15 @@ def _model_yaml(env):
 
 
 def _topology_yaml(env):
-    from cluster.topology import load_topology
+    from cluster.launch.topology import load_topology
 
     load_topology(env.evil(env.tmp / "topology.yaml"))
 
 
 def _link_model(env):
-    from comm.link_model import LinkModel
+    from cluster.launch.link_model import load_link_model
 
-    LinkModel.from_file(env.evil(env.tmp / "links.yaml"))
+    load_link_model(env.evil(env.tmp / "links.yaml"))
 
 
 def _cli(argv):
@@ -346,7 +356,7 @@ def _cli(argv):
     import contextlib
     import io
 
-    from cluster.cli import main
+    from cli.main import main
 
     err = io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
@@ -357,12 +367,12 @@ def _cli(argv):
 
 
 PICKLE_LOADERS = {
-    "checkpoint.load_checkpoint (model.safetensors)": _load_checkpoint,
-    "checkpoint.load_checkpoint (optimizer.safetensors)": _load_checkpoint_optimizer,
+    "checkpoint.load_checkpoint (stage0-ep0.safetensors)": _load_checkpoint,
+    "legacy one-process checkpoint (optimizer.safetensors)": _load_legacy_checkpoint_optimizer,
     "checkpoint.load_checkpoint (manifest not updated)": _load_checkpoint_manifest_not_rewritten,
     "checkpoint.verify_checkpoint": _verify_checkpoint,
     "pipeline_checkpoint.load_pipeline_full": _pipeline_checkpoint,
-    "Trainer resume_from": _trainer_resume_from,
+    "Trainer resume": _trainer_resume,
     "trainer.load_trained_model": _load_trained_model,
     "tide export RUN": _tide_export,
     "tide export FILE.pt": _tide_export_pt_file,
@@ -405,9 +415,9 @@ def test_tampered_latest_checkpoint_is_skipped_on_resume(run, tmp_path):
     shutil.copytree(run.dir, dst)
     cks = ckpt.list_checkpoints(dst / "checkpoints")
     assert len(cks) >= 2
-    write_evil(cks[-1] / "model.safetensors", marker)
+    write_evil(cks[-1] / "stage0-ep0.safetensors", marker)
     _rewrite_manifest(cks[-1])
-    with pytest.warns(UserWarning, match=r"model\.safetensors: refused: it is a zip archive"):
+    with pytest.warns(UserWarning, match=r"stage0-ep0\.safetensors: refused: it is a zip archive"):
         assert ckpt.latest_checkpoint(dst / "checkpoints") == cks[-2]
     assert not marker.exists()
 
@@ -417,7 +427,7 @@ def test_tide_export_names_the_step_and_the_skipped_tampered_one(run, tmp_path, 
     line (the skipped step, its path and why; no Python warning); the final line names the exported step."""
     import warnings
 
-    from cluster.cli import main
+    from cli.main import main
 
     marker = tmp_path / "pwned"
     dst = tmp_path / "export"
@@ -427,7 +437,7 @@ def test_tide_export_names_the_step_and_the_skipped_tampered_one(run, tmp_path, 
     new, old = ckpt.checkpoint_step(cks[-1]), ckpt.checkpoint_step(cks[-2])
     assert main(["export", str(dst), str(tmp_path / "ok")]) == 0  # intact: the newest, by step
     assert capsys.readouterr().out.splitlines()[-1] == f"exported step {new} ({cks[-1]}) -> {tmp_path / 'ok'}"
-    write_evil(cks[-1] / "model.safetensors", marker)
+    write_evil(cks[-1] / "stage0-ep0.safetensors", marker)
     _rewrite_manifest(cks[-1])
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a Python warning dump would fail here
@@ -436,21 +446,25 @@ def test_tide_export_names_the_step_and_the_skipped_tampered_one(run, tmp_path, 
     assert out.splitlines()[-1] == f"exported step {old} ({cks[-2]}) -> {tmp_path / 'hf'}"
     (line,) = err.splitlines()
     assert line.startswith(f"tide: warning: skipped the newer step {new} ({cks[-1]}), it is damaged: "
-                           "model.safetensors: refused: it is a zip archive"), line
+                           "stage0-ep0.safetensors: refused: it is a zip archive"), line
     assert line.endswith(f"; exported step {old} instead") and "UserWarning" not in err
     assert not marker.exists()
 
 
 def test_legitimate_files_still_load(run, hf_dir):
     """The refusals do not catch the files tide writes."""
-    from cluster.pipeline_checkpoint import load_pipeline_full
-    from cluster.trainer import load_trained_model
+    from cluster.checkpoint.models import load_trained_model
+    from cluster.checkpoint.sharded import load_pipeline_full
     from model import load_hf
 
     path = ckpt.latest_checkpoint(run.dir / "checkpoints")
     groups, meta = ckpt.load_checkpoint(path)
-    assert set(groups) == {"model", "optimizer"} and meta["step"] == 2
-    assert load_pipeline_full(path)[0].keys() == groups["model"].keys()
+    assert set(groups) == {"stage0-ep0"} and meta["step"] == 2  # a one-process run: the 1 x 1 layout
+    model_t = {k: v for k, v in groups["stage0-ep0"].items() if not k.startswith("optim/")}
+    assert load_pipeline_full(path)[0].keys() == model_t.keys()
+    legacy = Path(__file__).parent / "fixtures" / "legacy" / "single" / "checkpoints" / "step-00000004"
+    assert set(ckpt.load_checkpoint(legacy)[0]) == {"model", "optimizer"}  # what earlier versions wrote
+    assert load_pipeline_full(legacy)[2]["optimizer_converted"]
     assert load_trained_model(run.dir)[1] == path
     assert load_hf(hf_dir).args.num_hidden_layers == 2
 
@@ -479,9 +493,9 @@ def _yaml_doc(kind: str, tag: str) -> str:
 
 
 def _yaml_loaders():
-    from cluster.topology import load_topology
-    from cluster.train_config import load_train_config
-    from comm.link_model import LinkModel
+    from cluster.launch.link_model import load_link_model
+    from cluster.launch.topology import load_topology
+    from cluster.training.config import load_train_config
     from deploy.loader import read_topology
     from model import ModelArgs
 
@@ -490,7 +504,7 @@ def _yaml_loaders():
         "model YAML": ModelArgs.from_yaml,
         "topology YAML": load_topology,
         "serve --topology": read_topology,
-        "link model file": LinkModel.from_file,
+        "link model file": load_link_model,
     }
 
 
@@ -513,7 +527,7 @@ def test_yaml_python_tags_are_refused_and_run_nothing(loader, doc, tag, tmp_path
 
 @pytest.mark.parametrize("argv", [["config", "check"], ["plan"]])
 def test_cli_refuses_yaml_python_tags(argv, tmp_path, capsys):
-    from cluster.cli import main
+    from cli.main import main
 
     marker = tmp_path / "pwned"
     f = tmp_path / "c.yaml"
@@ -527,9 +541,9 @@ def test_cli_refuses_yaml_python_tags(argv, tmp_path, capsys):
 def test_model_yaml_loader_is_a_safe_loader():
     import yaml
 
-    from model.config import _yaml_loader
+    from model.safe_io import yaml_loader
 
-    assert issubclass(_yaml_loader(), yaml.SafeLoader)
+    assert issubclass(yaml_loader(), yaml.SafeLoader)
 
 
 # -------------------------------------------------------- static checker
@@ -537,10 +551,10 @@ def test_model_yaml_loader_is_a_safe_loader():
 # Scans the packages' sources with ``ast`` (not grep: comments, strings and formatting cannot
 # fool it) for calls that unpickle or build arbitrary objects.
 
-SCANNED = ("model", "cluster", "deploy", "comm", "actors", "kernels", "bench")
+SCANNED = ("model", "cluster", "cli", "deploy", "comm", "actors", "kernels", "bench")
 SAFE_YAML_LOADERS = {"SafeLoader", "CSafeLoader", "BaseLoader", "CBaseLoader"}
 # factories returning a yaml.SafeLoader subclass (checked by test_model_yaml_loader_is_a_safe_loader)
-SAFE_YAML_LOADER_FACTORIES = {"_yaml_loader"}
+SAFE_YAML_LOADER_FACTORIES = {"yaml_loader"}
 UNPICKLERS = {"pickle", "cPickle", "_pickle", "cloudpickle", "dill", "joblib", "marshal", "shelve", "jsonpickle"}
 UNPICKLE_FUNCS = {"load", "loads", "Unpickler", "open"}
 UNSAFE_YAML = {"unsafe_load", "unsafe_load_all", "full_load", "full_load_all", "Loader", "UnsafeLoader",
@@ -661,7 +675,7 @@ PLANTED_SAFE = [
     "import torch\nsd = torch.load('x.pt', weights_only=True)",
     "import yaml\ncfg = yaml.safe_load(text)",
     "import yaml\ncfg = yaml.load(text, Loader=yaml.SafeLoader)",
-    "import yaml\ncfg = yaml.load(text, Loader=_yaml_loader())",
+    "import yaml\ncfg = yaml.load(text, Loader=yaml_loader())",
     "import numpy as np\na = np.load('a.npy', mmap_mode='r', allow_pickle=False)\nb = np.load('b.npy')",
     "import pickle\nb = pickle.dumps(obj)",
     "import subprocess\nsubprocess.run(['git', 'status'], capture_output=True)",
@@ -797,7 +811,7 @@ def test_empty_or_missing_key_file_is_refused(tmp_path, content):
 
 
 def test_tide_serve_bad_key_file_is_named_not_shown(tmp_path, capsys):
-    from cluster.cli import main
+    from cli.main import main
 
     assert main(["serve", str(tmp_path), "--api-key-file", str(tmp_path / "missing")]) == 2
     assert f"cannot read API key file {tmp_path / 'missing'}" in capsys.readouterr().err

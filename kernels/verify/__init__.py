@@ -1,4 +1,4 @@
-"""Machine-checked index arithmetic of the Triton kernels (issue 6): Z3 models + prover.
+"""Machine-checked index arithmetic of the Triton kernels: Z3 models + prover.
 
 ``models(quick)`` lists every kernel launch configuration to prove; ``verify()`` proves
 them and returns the results; ``tide verify`` prints them as a table. See ``prove.py``

@@ -1,4 +1,4 @@
-"""Stage actors on a local Ray cluster with two labelled racks (issue 4).
+"""Stage actors on a local Ray cluster with two labelled racks.
 
 PP = 2 stages x EP = 2 expert shards: stage 0 on rack r0, stage 1 on rack r1.
 Checks that each actor ran on its stage's rack, and that one training step's loss
@@ -10,7 +10,7 @@ import ray
 import torch
 
 from actors.group import PlacementError, StageGroup
-from cluster.topology import Topology, build_graph
+from cluster.launch.topology import Topology, build_graph
 from model import Transformer
 from model.stage import is_expert_param
 from model.training import LossConfig, compute_losses, set_attention_mode
@@ -34,7 +34,7 @@ def test_stage_actors_on_their_racks_match_single_process(two_racks):
         torch.manual_seed(0)
         ref = Transformer(args)
         set_attention_mode(ref, "sparse")
-        loss, _ = compute_losses(ref, batch, LossConfig(mode="sparse"))
+        loss, _, _ = compute_losses(ref, batch, LossConfig(mode="sparse"))
         loss.backward()
         assert all(abs(m["loss"] - loss.item()) <= 1e-5 * loss.item() for m in metrics)
         ref_grads = dict(ref.named_parameters())

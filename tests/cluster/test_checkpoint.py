@@ -14,8 +14,8 @@ import pytest
 import torch
 from torch import nn
 
-from cluster import checkpoint as ckpt
-from cluster.checkpoint import (checkpoint_dir_name, cleanup_debris, flatten_state, latest_checkpoint,
+from cluster.checkpoint import store as ckpt
+from cluster.checkpoint.store import (checkpoint_dir_name, cleanup_debris, flatten_state, latest_checkpoint,
                                 list_checkpoints, load_checkpoint, mark_good, rng_state, save_checkpoint,
                                 set_rng_state, unflatten_state, verify_checkpoint)
 from model.optim import CombinedOptimizer, OptimConfig
@@ -342,7 +342,7 @@ def test_hard_crash_mid_save_leaves_only_debris(tmp_path):
     # a process that dies (no cleanup, no finally) after the tensors are written, before the manifest
     script = textwrap.dedent(f"""
         import os, torch
-        from cluster import checkpoint as ckpt
+        from cluster.checkpoint import store as ckpt
         def die(*a, **k):
             os._exit(17)
         ckpt._write_manifest = die

@@ -12,8 +12,8 @@
 - The token file that ``file_mounts`` ships is ignored by git (and not tracked), and
   excluded from ``ray job submit --working-dir`` uploads by ``.rayignore``.
 - The rack map (``provider.racks``) covers every machine exactly once, its names are valid
-  ``rack`` label values for ``cluster/topology.py`` and include the racks of
-  ``configs/pipeline.yaml``; ``cluster.rack_label`` finds a machine's rack from it.
+  ``rack`` label values for ``cluster/launch/topology.py`` and include the racks of
+  ``configs/pipeline.yaml``; ``cluster.launch.rack_label`` finds a machine's rack from it.
 """
 
 from __future__ import annotations
@@ -356,9 +356,9 @@ def test_working_dir_uploads_skip_the_venv_runs_and_the_token():
 
 
 def test_rack_map_covers_every_machine_and_matches_the_topologies():
-    from cluster.rack_label import load_rack_map
-    from cluster.topology import RACK_NAME, load_topology
-    from cluster.train_config import load_train_config
+    from cluster.launch.rack_label import load_rack_map
+    from cluster.launch.topology import RACK_NAME, load_topology
+    from cluster.training.config import load_train_config
 
     cfg = load()
     racks = load_rack_map(cfg)
@@ -373,11 +373,11 @@ def test_rack_map_covers_every_machine_and_matches_the_topologies():
     # the start commands read the rack map from the mounted copy of this very file
     (mounted,) = [t for t, local in cfg["file_mounts"].items() if local == "cluster/cluster.yaml"]
     for key in ("head_start_ray_commands", "worker_start_ray_commands"):
-        assert any(f"cluster.rack_label {mounted}" in c for c in cfg[key]), key
+        assert any(f"cluster.launch.rack_label {mounted}" in c for c in cfg[key]), key
 
 
 def test_rack_label_finds_the_machines_rack(capsys):
-    from cluster.rack_label import load_rack_map, main, rack_of
+    from cluster.launch.rack_label import load_rack_map, main, rack_of
 
     racks = load_rack_map(load())
     assert rack_of(racks, {"10.0.0.10"}) == "r0" and rack_of(racks, {"fe80::1", "10.0.1.11"}) == "r1"
@@ -404,7 +404,7 @@ def test_rack_label_finds_the_machines_rack(capsys):
 @pytest.mark.parametrize("loopback", ["localhost", "127.0.0.1", "127.0.1.1", "::1", "LocalHost.", "0.0.0.0"])
 def test_rack_map_refuses_loopback_entries(loopback, tmp_path, capsys):
     """A loopback entry is an address of every machine: every node would match its rack."""
-    from cluster.rack_label import load_rack_map, main
+    from cluster.launch.rack_label import load_rack_map, main
 
     cfg = load()
     cfg["provider"]["racks"]["r1"].append(loopback)
@@ -417,7 +417,7 @@ def test_rack_map_refuses_loopback_entries(loopback, tmp_path, capsys):
 
 
 def test_rack_map_lists_exactly_the_machines_of_head_ip_and_worker_ips():
-    from cluster.rack_label import load_rack_map
+    from cluster.launch.rack_label import load_rack_map
 
     cfg = load()
     cfg["provider"]["worker_ips"].append("10.0.2.10")  # a new machine not put in a rack
@@ -445,7 +445,7 @@ def test_rack_label_recognises_this_machine(tmp_path, capsys):
     """Without --address the helper matches the machine's own interface addresses (as on a node)."""
     import ipaddress
 
-    from cluster.rack_label import local_addresses, main
+    from cluster.launch.rack_label import local_addresses, main
 
     mine = sorted(a for a in local_addresses() if _is_ip(a) and not ipaddress.ip_address(a).is_loopback)
     if not mine:
@@ -469,11 +469,11 @@ def _is_ip(a: str) -> bool:
 
 def test_start_commands_run_under_bash_with_the_rack_label_and_token_mode(tmp_path):
     """Run the YAML's start commands in bash with a stand-in ``ray`` (records its arguments and
-    RAY_AUTH_MODE) and the real ``python -m cluster.rack_label`` on a rack map holding this machine."""
+    RAY_AUTH_MODE) and the real ``python -m cluster.launch.rack_label`` on a rack map holding this machine."""
     import ipaddress
     import sys
 
-    from cluster.rack_label import local_addresses
+    from cluster.launch.rack_label import local_addresses
 
     mine = sorted(a for a in local_addresses() if _is_ip(a) and not ipaddress.ip_address(a).is_loopback)
     if not mine:

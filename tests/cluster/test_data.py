@@ -184,7 +184,7 @@ def test_tokenizer_cache_loads_without_retraining(corpus, cache_dir, tok, monkey
     def boom(*a, **k):
         raise AssertionError("retrained instead of loading the cache")
 
-    monkeypatch.setattr(data, "_train_bpe", boom)
+    monkeypatch.setattr(data.tokenizer, "_train_bpe", boom)  # patched where train_or_load_tokenizer reads it
     again = train_or_load_tokenizer(Corpus("stdlib", max_bytes=BUDGET), VOCAB, cache_dir)
     assert again.to_str() == tok.to_str() and path.stat().st_mtime_ns == mtime
     with pytest.raises(AssertionError, match="retrained"):  # another vocab size is another key

@@ -2,7 +2,7 @@
 
 import socket
 
-from cluster.local_racks import reachable_ray_address
+from cluster.launch.local_racks import reachable_ray_address
 from comm.launch import free_port
 
 

@@ -6,10 +6,18 @@ import copy
 import pytest
 import torch
 
-from cluster.checkpoint import flatten_state, load_checkpoint, save_checkpoint
-from cluster.pipeline_checkpoint import (OPTIM_PREFIX, load_pipeline_full, make_layout, save_pipeline_checkpoint,
-                                         shard_group, shard_optimizer_state, shard_tensors, stage_shard)
-from cluster.topology import split_layers
+from cluster.checkpoint.sharded import (
+    OPTIM_PREFIX,
+    load_pipeline_full,
+    make_layout,
+    save_pipeline_checkpoint,
+    shard_group,
+    shard_optimizer_state,
+    shard_tensors,
+    stage_shard,
+)
+from cluster.checkpoint.store import flatten_state, load_checkpoint, save_checkpoint
+from cluster.launch.topology import split_layers
 from model import ModelArgs, Transformer
 from model.optim import CombinedOptimizer, OptimConfig, load_optimizer_state_by_name, optimizer_state_by_name
 from model.stage import PipelineStage, is_expert_param
@@ -37,7 +45,7 @@ def _train(use_muon=True, steps=2):
     opt = CombinedOptimizer(model, OptimConfig(warmup_steps=0, use_muon=use_muon))
     for i in range(steps + 1):
         opt.zero_grad()
-        loss, _ = compute_losses(model, _batch(i), LossConfig(mode="sparse"))
+        loss, _, _ = compute_losses(model, _batch(i), LossConfig(mode="sparse"))
         loss.backward()
         if i < steps:
             opt.step()

@@ -2,7 +2,7 @@
 
 import pytest
 
-from cluster.topology import build_graph, load_topology, split_layers
+from cluster.launch.topology import build_graph, load_topology, split_layers
 
 
 def test_two_racks_two_stages_two_expert_shards():
@@ -55,7 +55,7 @@ def test_experts_must_divide():
 
 
 def test_gpus_per_actor_is_0_or_1():
-    from cluster.topology import build_graph, load_topology
+    from cluster.launch.topology import build_graph, load_topology
 
     g = build_graph(load_topology({"racks": ["r0"], "gpus_per_actor": 1}), 4, 8)
     assert g.gpus_per_actor == 1
@@ -69,7 +69,7 @@ def test_gpus_per_actor_is_0_or_1():
     ({"racks": ["r0", "r1"], "pipeline_stages": 2, "placement": {"a": "r0", 1: "r1"}}, "placement must map"),
 ])
 def test_bad_rack_names_and_placements(topo, match):
-    from cluster.topology import load_topology
+    from cluster.launch.topology import load_topology
 
     with pytest.raises(ValueError, match=match):
         load_topology(topo)

@@ -1,4 +1,4 @@
-"""`cluster.train.run` refuses what would lose a run before starting anything."""
+"""`cluster.train.load_for_run` refuses what would lose a run before starting anything."""
 
 import pytest
 import yaml
@@ -15,5 +15,5 @@ def test_relative_storage_path_inside_a_ray_job_working_dir_is_refused(tmp_path,
     (job_dir / "c.yaml").write_text(yaml.safe_dump(cfg))
     monkeypatch.chdir(job_dir)
     with pytest.raises(ValueError, match="temporary copy.*--storage-path"):
-        train.run("c.yaml")
+        train.load_for_run("c.yaml")
     assert not (job_dir / "runs").exists()

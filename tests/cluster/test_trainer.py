@@ -1,4 +1,5 @@
-"""The curriculum trainer in-process: exact resume after a kill, spike rollback, export."""
+"""The training loop on the 1 x 1 actor graph in this process (no Ray): exact resume after a kill,
+spike rollback with anticipatory routing, export."""
 
 from __future__ import annotations
 
@@ -13,9 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from cluster import checkpoint as ckpt
-from cluster.train_config import load_train_config
-from cluster.trainer import Trainer, export_hf
+from cluster.checkpoint import store as ckpt
+from cluster.checkpoint.models import export_hf, load_trained_model
+from cluster.training.config import load_train_config
+from cluster.training.trainer import Trainer, read_metrics, run_summary, train
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -52,9 +54,9 @@ def _losses(run_dir: Path) -> list[tuple[int, float, float]]:
 RUNNER = """
 import json, sys
 sys.path.insert(0, {root!r})
-from cluster.train_config import load_train_config
-from cluster.trainer import Trainer
-Trainer(load_train_config(json.load(open(sys.argv[1]))), progress="none").run()
+from cluster.training.config import load_train_config
+from cluster.training.trainer import train
+train(load_train_config(json.load(open(sys.argv[1]))), in_process=True, progress="none")
 """
 
 
@@ -95,40 +97,24 @@ def test_loss_spike_rolls_back_and_switches_on_anticipatory_routing(tmp_path):
                       checkpoint={"every_steps": 4, "keep": 2},
                       curriculum=[{"name": "a", "seq_len": 64, "batch_tokens": 256, "steps": 32,
                                    "attention": "sparse"}])
-    tr = Trainer(load_train_config(cfg), progress="none")
-    summary = tr.run()
-    rows = tr.history
+    c = load_train_config(cfg)
+    summary = train(c, in_process=True, progress="none")
+    rows = read_metrics(c.run_dir())
     spike = rows[24]
     assert spike.get("spike") and spike["rolled_back_to"].endswith("step-00000024")
     assert summary["spikes"] == [24] and summary["rollbacks"] == 1
-    ar = [r["step"] for r in rows if r["anticipatory_routing"]]
-    assert ar == [25, 26, 27]  # switched on for anticipatory_steps, then off again
+    # step 25 only routes ahead (there are no parameters one update older than the restored ones);
+    # steps 26..28 use routing one update old, then it is off again
+    assert [r["step"] for r in rows if r["routing_pass"]] == [25, 26, 27]
+    assert [r["step"] for r in rows if r["anticipatory_routing"]] == [26, 27, 28]
+    assert all(r["routing_lag"] == 1 for r in rows if r["anticipatory_routing"])
     assert all(not r.get("spike") for r in rows[25:])  # recovered: no further spikes
     assert max(r["ce"] for r in rows[25:]) < spike["ce"] / 1.5
     assert summary["anticipatory_overhead"] is not None  # the extra routing pass is measured
     print("anticipatory routing overhead:", summary["anticipatory_overhead"])
-    # no checkpoint is taken while anticipatory routing is on (step 28 is the next one)
+    # no checkpoint is taken while anticipatory routing is on (steps 25..28); 32 is the next one
     steps = [ckpt.checkpoint_step(p) for p in ckpt.list_checkpoints(tmp_path / "spike" / "checkpoints")]
-    assert 26 not in steps and 32 in steps
-
-
-def test_anticipatory_routing_uses_indices_from_the_earlier_parameters(tmp_path):
-    cfg = tiny_config(tmp_path, "ar", curriculum=[{"name": "a", "seq_len": 64, "batch_tokens": 256, "steps": 3,
-                                                   "attention": "dense"}])
-    tr = Trainer(load_train_config(cfg), progress="none")
-    tr.setup()
-    tr._apply_stage()
-    tr.ar_remaining = 2
-    batch, forced = tr._next_batch()  # batch of step t, routed before any update
-    expected = tr._routing_for(batch)
-    assert all(torch.equal(a, b) for a, b in zip(forced, expected))
-    row = tr.train_step(batch, tr.cfg.curriculum[0], forced)
-    assert row["anticipatory_routing"]
-    used = [m.last_indices for m in tr._routed_moes()]
-    assert all(torch.equal(a, b) for a, b in zip(used, forced))
-    # the next batch was routed with the parameters of the previous step (before this update)
-    nxt, forced2 = tr._next_batch()
-    assert forced2 is not None and not all(torch.equal(a, b) for a, b in zip(forced2, tr._routing_for(nxt)))
+    assert 28 not in steps and 32 in steps
 
 
 def test_export_and_damaged_checkpoints(tmp_path):
@@ -136,24 +122,69 @@ def test_export_and_damaged_checkpoints(tmp_path):
 
     cfg = tiny_config(tmp_path, "exp", curriculum=[{"name": "a", "seq_len": 64, "batch_tokens": 256, "steps": 3,
                                                     "attention": "sparse"}])
-    tr = Trainer(load_train_config(cfg), progress="none")
-    tr.run()
+    c = load_train_config(cfg)
+    train(c, in_process=True, progress="none")
     out = export_hf(tmp_path / "exp", tmp_path / "hf")
     m = load_hf(out, strict_mtp=True).eval()
+    trained, path = load_trained_model(tmp_path / "exp")
+    assert path.name == "step-00000003" and sorted(p.name for p in path.glob("*.safetensors")) == \
+        ["stage0-ep0.safetensors"]  # one process is the 1 x 1 graph: one shard group
     ids = torch.randint(0, 300, (1, 40))
-    tr.model.eval()
     with torch.no_grad():
-        assert torch.equal(m(ids), tr.model(ids))
+        assert torch.equal(m(ids), trained.eval()(ids))
     assert (out / "tokenizer.json").is_file()
     from cluster.data import CHAT_TEMPLATE, read_chat_template
 
     assert read_chat_template(tmp_path / "exp") == read_chat_template(out) == CHAT_TEMPLATE  # stored, exported
     last = ckpt.latest_checkpoint(tmp_path / "exp" / "checkpoints")
-    f = last / "model.safetensors"
+    f = last / "stage0-ep0.safetensors"
     data = bytearray(f.read_bytes())
     data[len(data) // 2] ^= 0x01
     f.write_bytes(bytes(data))
-    with pytest.raises(ValueError, match="model.safetensors"):
+    with pytest.raises(ValueError, match="stage0-ep0.safetensors"):
         export_hf(last, tmp_path / "hf2")
-    with pytest.raises(ValueError):
-        Trainer(load_train_config(cfg), progress="none", resume_from=last).setup()
+
+
+def test_summary_of_a_finished_run_reads_the_run_directory(tmp_path):
+    cfg = load_train_config(tiny_config(tmp_path, "fin", curriculum=[
+        {"name": "a", "seq_len": 64, "batch_tokens": 256, "steps": 2, "attention": "dense"}]))
+    first = train(cfg, in_process=True, progress="none")
+    again = train(cfg, in_process=True, progress="none")  # already finished: nothing trains
+    assert again == first == run_summary(cfg)
+    assert first["steps"] == 2 and first["checkpoint"].endswith("step-00000002")
+
+
+def test_in_process_refuses_a_graph_of_several_actors(tmp_path):
+    cfg = tiny_config(tmp_path, "multi", parallel={"topology": {"racks": ["r0"], "pipeline_stages": 2}})
+    with pytest.raises(ValueError, match="1 x 1"):
+        train(load_train_config(cfg), in_process=True, progress="none")
+
+
+def test_trainer_validates_each_batch_once(tmp_path):
+    """A batch with a token outside the vocabulary is refused by the stage worker (once per step, on the
+    host), with the range in the message -- not an index error from inside the forward."""
+    tr = Trainer(load_train_config(tiny_config(tmp_path, "bad")), in_process=True, progress="none")
+    tr.setup()
+    try:
+        tr._apply_stage()
+        batch = tr.loader.next_batch()
+        batch["input_ids"][0, 0] = 300
+        with pytest.raises(ValueError, match=r"token ids must be in \[0, 300\)"):
+            tr.group.call("forward_backward", batch, {"mode": "dense"}, 1.0, None)
+    finally:
+        tr.shutdown()
+
+
+def test_activation_checkpointing_switch_keeps_every_loss(tmp_path):
+    """`activation_checkpointing: true` recomputes every block in backward: the same run, bit for bit."""
+    rows = {}
+    for on in (False, True):
+        cfg = tiny_config(tmp_path, f"remat-{on}", activation_checkpointing=on, curriculum=[
+            {"name": "a", "seq_len": 64, "batch_tokens": 256, "steps": 2, "attention": "dense"},
+            {"name": "w", "seq_len": 64, "batch_tokens": 256, "steps": 1, "attention": "indexer_warmup",
+             "mtp_weight": 0.0},
+            {"name": "b", "seq_len": 128, "batch_tokens": 256, "steps": 2, "attention": "sparse"}])
+        train(load_train_config(cfg), in_process=True, progress="none")
+        rows[on] = [{k: r[k] for k in ("ce", "loss", "grad_norm") if k in r}
+                    for r in read_metrics(tmp_path / cfg["name"])]
+    assert rows[True] == rows[False] and len(rows[True]) == 5

@@ -13,7 +13,7 @@ import os
 
 import torch
 
-from cluster.topology import Topology, build_graph
+from cluster.launch.topology import Topology, build_graph
 from comm.pipeline import PipelineRunner
 from comm.transport import build_mesh
 from model import ModelArgs, Transformer
@@ -82,7 +82,7 @@ def run(rank: int, world: int, P: int, E: int, M: int, jobs: list[tuple[str, lis
         torch.manual_seed(0)
         ref = Transformer(args)
         set_attention_mode(ref, mode)
-        loss, ref_metrics = compute_losses(ref, batch, cfg)
+        loss, ref_metrics, aux = compute_losses(ref, batch, cfg)
         loss.backward()
         ref_grads = {n: None if p.grad is None else p.grad.clone() for n, p in ref.named_parameters()}
         ref_params = None
@@ -91,12 +91,12 @@ def run(rank: int, world: int, P: int, E: int, M: int, jobs: list[tuple[str, lis
             for s in range(steps):
                 if s:
                     ref_opt.zero_grad()
-                    loss, _ = compute_losses(ref, make_batch(B, args.vocab_size, seed=s), cfg)
+                    loss, _, aux = compute_losses(ref, make_batch(B, args.vocab_size, seed=s), cfg)
                     loss.backward()
                 torch.nn.utils.clip_grad_norm_([p for p in ref.parameters() if p.grad is not None], 1.0)
                 ref_opt.step()
                 if mode != "indexer_warmup":
-                    update_router_biases(ref, 1e-3)
+                    update_router_biases(ref, aux.routing, 1e-3)
             ref_params = {n: p.detach().clone() for n, p in ref.named_parameters()}
             ref_bufs = {n: b.clone() for n, b in ref.named_buffers() if n.endswith("e_score_correction_bias")}
         for W in waves:

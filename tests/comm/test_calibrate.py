@@ -1,4 +1,4 @@
-"""Link calibration (comm.calibrate, cluster.calibrate, ``tide calibrate``).
+"""Link calibration (comm.calibrate, cluster.ops.calibrate, ``tide calibrate``).
 
 Cheapest first: sizes, the fit on real nccl-tests tables, the nccl-tests runner with fake
 binaries (shell scripts that print a real output); then, on one local Ray cluster of two
@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from cluster import calibrate as cluster_calibrate
-from cluster import cli
+from cli.main import main
+from cluster.launch.link_model import load_link_model
+from cluster.ops import calibrate as cluster_calibrate
 from comm import calibrate as comm_calibrate
 from comm.calibrate import (
     MAX_GLOO_SIZE,
@@ -36,7 +37,6 @@ from comm.calibrate import (
     run_nccl_tests,
     write_calibration,
 )
-from comm.link_model import LinkModel
 from comm.nccl_tests import NcclTestsError, busbw_factor, parse_file
 
 from .test_nccl_tests import FAILURE, data_file
@@ -166,7 +166,7 @@ def test_fit_on_real_tables(tmp_path):
     assert intra.latency_us == 1382.27 and intra.latency_from == "intra-rack r0 alltoall"
     assert intra.busbw_GBps == pytest.approx(23.60) and intra.bandwidth_gbps == pytest.approx(188.8)
     out, tables_path = write_calibration(tmp_path / "lm.yaml", fits, tables, {"method": "test"})
-    model = LinkModel.from_file(out)
+    model = load_link_model(out)
     assert model.classes["intra-rack"].bandwidth_Bps == pytest.approx(23.60e9)  # GB/s = 1e9 B/s
     assert model.classes["inter-rack"].latency_s == pytest.approx(93681.5e-6)
     assert model.transfer_time(1 << 30, "inter-rack") == pytest.approx(93681.5e-6 + (1 << 30) / 45.87e9)
@@ -254,7 +254,7 @@ def test_bad_options_fail_before_measuring(tmp_path, monkeypatch, capsys, args, 
     argv = ["calibrate", *(a.format(tmp=tmp_path) for a in args)]
     if "--out" not in args:
         argv += ["--out", str(tmp_path / "lm.yaml")]
-    assert cli.main(argv) == 2
+    assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("tide: error: ") and "Traceback" not in err
     assert re.search(match, err), err
@@ -275,17 +275,17 @@ def test_tables_are_not_cut_when_stdout_is_not_a_terminal(capsys):
 def test_forced_nccl_tests_without_binaries_is_a_usage_error(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("NCCL_TESTS_DIR", raising=False)
     monkeypatch.setenv("PATH", str(tmp_path))
-    assert cli.main(["calibrate", "--method", "nccl-tests", "--out", str(tmp_path / "lm.yaml")]) == 2
+    assert main(["calibrate", "--method", "nccl-tests", "--out", str(tmp_path / "lm.yaml")]) == 2
     assert "no nccl-tests binaries" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------ on a Ray cluster
 def test_calibrate_gloo_on_two_racks(two_racks, tmp_path, capsys):
     out = tmp_path / "cal" / "link_model.yaml"
-    rc = cli.main(["calibrate", "--method", "gloo", "--sizes", "4K,64K", "--iters", "3", "--out", str(out)])
+    rc = main(["calibrate", "--method", "gloo", "--sizes", "4K,64K", "--iters", "3", "--out", str(out)])
     printed = capsys.readouterr().out
     assert rc == 0, printed
-    model = LinkModel.from_file(out)
+    model = load_link_model(out)
     for cls in ("intra-rack", "inter-rack"):
         assert model.classes[cls].latency_s > 0 and model.classes[cls].bandwidth_Bps > 0
     doc = json.loads((tmp_path / "cal" / "link_model.tables.json").read_text())
@@ -317,13 +317,13 @@ def test_calibrate_nccl_tests_path_with_fake_binaries(two_racks, tmp_path, capsy
                                            "alltoall_perf": ALLTOALL})
     # the launcher spans the two racks' nodes for sendrecv; this one logs its arguments and runs the rest
     out = tmp_path / "lm.json"
-    rc = cli.main(["calibrate", "--method", "nccl-tests", "--nccl-tests-dir", str(d), "--sizes", "32M,16G",
+    rc = main(["calibrate", "--method", "nccl-tests", "--nccl-tests-dir", str(d), "--sizes", "32M,16G",
                    "--iters", "5", "--launcher", fake_launcher(d), "--out", str(out)])
     printed = capsys.readouterr().out
     assert rc == 0, printed
     assert "method nccl-tests" in printed
     assert "17179869184" in printed and "…" not in printed  # full-width tables: stdout is no terminal here
-    model = LinkModel.from_file(out)
+    model = load_link_model(out)
     assert model.classes["inter-rack"].latency_s == pytest.approx(93681.5e-6)
     assert model.classes["inter-rack"].bandwidth_Bps == pytest.approx(45.87e9)
     assert model.classes["intra-rack"].latency_s == pytest.approx(1382.27e-6)  # alltoall's, the worse one
@@ -345,7 +345,7 @@ def test_calibrate_reports_a_failed_nccl_tests_run(two_racks, tmp_path, capsys):
     d = fake_nccl_tests(tmp_path / "bin", {"sendrecv_perf": SENDRECV, "all_reduce_perf": ALLREDUCE,
                                            "alltoall_perf": FAILURE})
     out = tmp_path / "lm.yaml"
-    rc = cli.main(["calibrate", "--method", "nccl-tests", "--nccl-tests-dir", str(d), "--sizes", "32M,16G",
+    rc = main(["calibrate", "--method", "nccl-tests", "--nccl-tests-dir", str(d), "--sizes", "32M,16G",
                    "--launcher", fake_launcher(d), "--out", str(out)])
     err = capsys.readouterr().err
     assert rc == 1
@@ -360,7 +360,7 @@ def test_calibrate_refuses_an_empty_launcher_between_racks(two_racks, tmp_path, 
     d = fake_nccl_tests(tmp_path / "bin", {"sendrecv_perf": SENDRECV, "all_reduce_perf": ALLREDUCE,
                                            "alltoall_perf": ALLTOALL})
     out = tmp_path / "lm.yaml"
-    rc = cli.main(["calibrate", "--method", "nccl-tests", "--nccl-tests-dir", str(d), "--sizes", "32M,16G",
+    rc = main(["calibrate", "--method", "nccl-tests", "--nccl-tests-dir", str(d), "--sizes", "32M,16G",
                    "--launcher", "", "--out", str(out)])
     err = capsys.readouterr().err
     assert rc == 2
@@ -388,7 +388,7 @@ def test_calibrate_refuses_a_fake_inter_rack_table(two_racks, tmp_path, capsys, 
     (tmp_path / "sendrecv.txt").write_text(text)
     _script(d / "sendrecv_perf", f'cat "{tmp_path / "sendrecv.txt"}"\n')
     out = tmp_path / "lm.yaml"
-    rc = cli.main(["calibrate", "--method", "nccl-tests", "--nccl-tests-dir", str(d), "--sizes", sizes,
+    rc = main(["calibrate", "--method", "nccl-tests", "--nccl-tests-dir", str(d), "--sizes", sizes,
                    "--launcher", fake_launcher(d), "--out", str(out)])
     err = capsys.readouterr().err
     assert rc == 1 and re.search(match, err), err
@@ -400,7 +400,7 @@ def test_calibrate_auto_uses_gloo_when_the_racks_have_no_gpu(two_racks, tmp_path
     d = fake_nccl_tests(tmp_path / "bin", {"sendrecv_perf": SENDRECV, "all_reduce_perf": ALLREDUCE,
                                            "alltoall_perf": ALLTOALL})
     out = tmp_path / "lm.yaml"
-    rc = cli.main(["calibrate", "--nccl-tests-dir", str(d), "--sizes", "4K", "--iters", "1",
+    rc = main(["calibrate", "--nccl-tests-dir", str(d), "--sizes", "4K", "--iters", "1",
                    "--launcher", fake_launcher(d), "--out", str(out)])
     printed = capsys.readouterr().out
     assert rc == 0, printed
@@ -416,6 +416,6 @@ def test_a_relative_out_inside_a_ray_job_is_refused(tmp_path, monkeypatch, capsy
     job_dir.mkdir(parents=True)
     monkeypatch.chdir(job_dir)
     monkeypatch.setattr(cluster_calibrate, "connect", lambda *a: pytest.fail("connected before checking options"))
-    assert cli.main(["calibrate", "--method", "gloo", "--out", "calibration/lm.yaml"]) == 2
+    assert main(["calibrate", "--method", "gloo", "--out", "calibration/lm.yaml"]) == 2
     err = capsys.readouterr().err
     assert "is relative and this job runs in Ray's temporary copy" in err and not (job_dir / "calibration").exists()

@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from cluster.launch.link_model import load_link_model
 from comm.link_model import LinkModel
 
 
@@ -18,14 +19,14 @@ def test_transfer_time_and_defaults():
 def test_calibration_file_round_trip_and_delay(tmp_path):
     f = tmp_path / "links.json"
     f.write_text(json.dumps({"inter-rack": {"latency_us": 100, "bandwidth_gbps": 8}}))
-    lm = LinkModel.from_file(f)
+    lm = load_link_model(f)
     assert lm.enabled and lm.transfer_time(10**6, "inter-rack") == pytest.approx(1e-4 + 10**6 / 1e9)
     slept = []
     held = lm.delay(10**6, "inter-rack", sleep=slept.append)
     assert slept == [held] and held == pytest.approx(1.1e-3)
     y = tmp_path / "links.yaml"
     y.write_text("intra-rack: {latency_us: 1, bandwidth_gbps: 800}\n")
-    assert LinkModel.from_file(y).to_dict()["intra-rack"] == {"latency_us": pytest.approx(1.0),
+    assert load_link_model(y).to_dict()["intra-rack"] == {"latency_us": pytest.approx(1.0),
                                                               "bandwidth_gbps": pytest.approx(800.0)}
 
 
@@ -56,14 +57,14 @@ def test_non_finite_yaml_is_refused(tmp_path, text):
     f.write_text(text)
     with pytest.raises(ValueError, match=rf"{f}: inter-rack: latency_us must be >= 0 and bandwidth_gbps > 0, both "
                                          rf"finite numbers"):
-        LinkModel.from_file(f)
+        load_link_model(f)
 
 
 def test_sources(tmp_path):
     assert LinkModel().source_of("inter-rack") == "default"
     f = tmp_path / "lm.yaml"
     f.write_text("inter-rack: {latency_us: 7, bandwidth_gbps: 9}\n")
-    lm = LinkModel.from_file(f)
+    lm = load_link_model(f)
     assert lm.source_of("inter-rack") == str(f) and lm.source_of("intra-rack") == "default"
 
 
@@ -71,4 +72,4 @@ def test_bad_queries(tmp_path):
     with pytest.raises(ValueError, match="unknown link class"):
         LinkModel().transfer_time(1, "spine")
     with pytest.raises(ValueError, match="does not exist"):
-        LinkModel.from_file(tmp_path / "none.json")
+        load_link_model(tmp_path / "none.json")

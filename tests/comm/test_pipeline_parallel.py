@@ -1,4 +1,4 @@
-"""Pipeline x expert parallelism on local gloo processes equals the single-process model (issue 4).
+"""Pipeline x expert parallelism on local gloo processes equals the single-process model.
 
 Each rank compares its own stage / expert shard with the single-process reference
 (``pp_worker``): the step's loss, every parameter gradient, and the parameters

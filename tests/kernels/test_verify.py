@@ -98,9 +98,9 @@ def test_a_planted_offset_bug_is_caught():
     assert "offset is the row-major offset of the index" in bad
 
 
-def test_tide_verify_prints_a_table():
-    out = subprocess.run([sys.executable, "-m", "cluster.cli", "verify", "--quick"], capture_output=True, text=True,
-                         timeout=300)
+def test_tide_verify_prints_a_table(repo_root):
+    out = subprocess.run([sys.executable, "-m", "cli", "verify", "--quick"], cwd=repo_root, capture_output=True,
+                         text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "proved" in out.stdout and "mhc_fwd_kernel" in out.stdout and "obligations proved" in out.stdout
 

@@ -1,4 +1,4 @@
-"""ModelArgs validation, YAML and Hugging Face round trips (DESIGN convention 1 and 6)."""
+"""ModelArgs validation, YAML and Hugging Face round trips (docs/design.md §7: unknown keys and wrong types are errors)."""
 
 from __future__ import annotations
 

@@ -56,9 +56,14 @@ def test_gradients_do_not_cross_documents(model):
 
 
 def test_bad_doc_ids(model):
+    """Shapes are checked by every forward; values once per batch (``check_tokens``, no device sync)."""
+    from model.inputs import check_tokens
+
     ids = torch.zeros(1, 8, dtype=torch.long)
     with pytest.raises(ValueError, match="non-decreasing"):
-        model(ids, doc_ids=torch.tensor([[0, 0, 1, 1, 0, 0, 1, 1]]))
+        check_tokens(ids, model.args.vocab_size, torch.tensor([[0, 0, 1, 1, 0, 0, 1, 1]]))
+    with pytest.raises(ValueError, match=r"token ids must be in \[0, 512\)"):
+        check_tokens(ids + 512, model.args.vocab_size)
     with pytest.raises(ValueError, match="shape"):
         model(ids, doc_ids=torch.zeros(1, 7, dtype=torch.long))
     with pytest.raises(ValueError, match="stateless"):

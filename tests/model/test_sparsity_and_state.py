@@ -125,8 +125,8 @@ def test_bad_inputs():
         m(torch.zeros(3, dtype=torch.long))
     with pytest.raises(ValueError, match="int64"):
         m(torch.zeros(1, 3))
-    with pytest.raises(ValueError, match=r"\[0, 512\)"):
-        m(torch.full((1, 3), 512))
+    with pytest.raises(ValueError, match=r"\[0, 512\)"):  # values: once per request, not in the forward
+        m.generate(torch.full((1, 3), 512), 2)
     with pytest.raises(ValueError, match="no tokens"):
         m(torch.zeros(1, 0, dtype=torch.long))
     with pytest.raises(ValueError, match="batch 2"):

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from model import ModelArgs, Transformer
-from model.stage import LossNorms, PipelineStage, is_expert_param, merge_state_dicts, shard_range
+from model.losses import LossNorms
+from model.stage import PipelineStage, is_expert_param, merge_state_dicts, shard_range
 from model.training import LossConfig, compute_losses, set_attention_mode
 
 
@@ -33,7 +34,7 @@ def test_chained_stages_equal_the_model(model):
     stages = [PipelineStage.from_model(m, lo, hi, lo == 0, hi == 4) for lo, hi in ((0, 1), (1, 3), (3, 4))]
     x = None
     for st in stages:
-        x = st(x, batch["input_ids"])
+        x, _ = st(x, batch["input_ids"])
     assert torch.equal(x, ref)
     assert [n for n, _ in stages[1].named_parameters()][0].startswith("layers.1.")
 
@@ -42,7 +43,7 @@ def test_stage_losses_add_up_to_compute_losses(model):
     m = fresh()
     set_attention_mode(m, "sparse")
     batch = _batch(B=4)
-    want, metrics = compute_losses(m, batch, LossConfig(mode="sparse"))
+    want, metrics, _ = compute_losses(m, batch, LossConfig(mode="sparse"))
     m2 = fresh()
     st = PipelineStage.from_model(m2, 0, 4, True, True)
     set_attention_mode(st, "sparse")
@@ -50,7 +51,8 @@ def test_stage_losses_add_up_to_compute_losses(model):
     total, kl_sum, kl_rows = 0.0, 0.0, 0.0
     for half in (slice(0, 2), slice(2, 4)):  # two microbatches of the global batch
         mb = {k: v[half] for k, v in batch.items()}
-        loss, sums = st.losses(st(None, mb["input_ids"]), mb, norms, LossConfig(mode="sparse"))
+        out, aux = st(None, mb["input_ids"])
+        loss, sums, _ = st.losses(out, aux, mb, norms, LossConfig(mode="sparse"))
         total += loss.item() - sums["kl_sum"]
         kl_sum, kl_rows = kl_sum + sums["kl_sum"], kl_rows + sums["kl_rows"]
     assert total + kl_sum / kl_rows == pytest.approx(want.item(), abs=1e-5)
@@ -94,7 +96,7 @@ def test_stages_with_decode_state_generate_like_the_model():
     def step(ids):
         x = None
         for st, state in zip(stages, states, strict=True):
-            x = st(x, ids, state=state)
+            x, _ = st(x, ids, state=state)
         return stages[-1].logits(x[:, -1:])[:, -1]
 
     for c in range(0, prompt.shape[1], 16):  # chunked prefill through the stages

@@ -30,8 +30,8 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from cluster.cli import main
-from cluster.metrics import SERVING, TRAINING
+from cli.main import main
+from cluster.ops.metrics import SERVING, TRAINING
 from comm.launch import free_port
 from deploy import dashboards as dash
 
@@ -360,7 +360,7 @@ def test_the_token_never_appears_in_the_output(fresh, tmp_path):
 
     def run(token: str, url: str) -> subprocess.CompletedProcess:
         env = {**os.environ, "GRAFANA_TOKEN": token, "PYTHONWARNINGS": "always"}
-        return subprocess.run([sys.executable, "-m", "cluster.cli", "dashboards", "--out", str(tmp_path),
+        return subprocess.run([sys.executable, "-m", "cli", "dashboards", "--out", str(tmp_path),
                                "--no-ray", "--push", url, "--timeout", "5"], cwd=ROOT, env=env,
                               capture_output=True, text=True, timeout=120)
 

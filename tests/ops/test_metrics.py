@@ -8,7 +8,7 @@ import time
 import pytest
 from fastapi.testclient import TestClient
 
-from cluster.metrics import SERVING, TRAINING, Recorder, ServingMetrics, TrainingMetrics
+from cluster.ops.metrics import SERVING, TRAINING, Recorder, ServingMetrics, TrainingMetrics
 from deploy.app import build_app
 from deploy.engine import LocalEngine
 from tests.deploy.test_engine import _req, _run_concurrently, parts  # noqa: F401 - the module fixture

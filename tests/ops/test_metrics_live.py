@@ -1,7 +1,7 @@
 """Metrics end to end: a real Prometheus scrapes Ray's metrics export ports while a short pipeline
 training job (2 racks, 2 stages, a loss spike with rollback, a traced step) and a Ray Serve
 deployment (completions, streaming, refused requests) run; every series of the catalogue
-(``cluster.metrics``) must reach Prometheus, with the values the job produced, and every query of the
+(``cluster.ops.metrics``) must reach Prometheus, with the values the job produced, and every query of the
 Grafana dashboards (``deploy/dashboards.py``) must name scraped series and run on this Prometheus."""
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ import pytest
 import ray
 import requests
 
-from cluster.local_racks import start_local_racks
-from cluster.metrics import SERVING, TRAINING
+from cluster.launch.local_racks import start_local_racks
+from cluster.ops.metrics import SERVING, TRAINING
 from comm.launch import free_port
-from tests.cluster.test_pipeline_trainer import _config
+from tests.cluster.test_training_graph import _config
 from tests.deploy.util import write_tiny_hf
 from tests.ops.prometheus import Prometheus, prometheus_binary
 
@@ -33,8 +33,8 @@ def _all_series() -> set[str]:
 def live(tmp_path_factory):
     from ray import serve
 
-    from cluster.train import run_pipeline
-    from cluster.train_config import load_train_config
+    from cluster.training.trainer import train
+    from cluster.training.config import load_train_config
     from deploy.serve import build
 
     prometheus_binary()  # fail early and clearly when it is not installed
@@ -53,7 +53,7 @@ def live(tmp_path_factory):
         cfg["inject_spike_at_step"] = SPIKE_AT
         # EMA ~ the previous step's loss: the garbage batch at step 3 (5.40 nats) is above step 2's (5.01)
         cfg["spike"] = {"factor": 1.01, "min_steps": 2, "ema_beta": 0.01}
-        summary = run_pipeline(load_train_config(cfg), progress="none")
+        summary = train(load_train_config(cfg), progress="none")
 
         hf = tmp / "hf"
         write_tiny_hf(hf, tmp / "tok")
