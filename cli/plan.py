@@ -1,26 +1,31 @@
-"""``tide plan CONFIG``: a pipeline config's actor graph (every stage actor with its rack, layers and
-experts), its links by class and the per-stage schedule with its simulated bubble -- starting nothing."""
+"""``tide plan CONFIG``: a training config's actor graph (every stage actor with its rack, layers and
+experts), its links by class and the per-stage schedule with its simulated bubble -- starting nothing.
+A config without a ``parallel`` section is the 1 x 1 graph (one actor holding the whole model)."""
 
 from __future__ import annotations
 
 import argparse
 
-from cli.common import CLIError, usage_errors
+from cli.common import usage_errors
 
 
 def run(ns: argparse.Namespace) -> int:
     """``tide plan CONFIG``: the actor graph and pipeline schedule of a training config, without starting anything."""
     from cluster.data import sequences_per_batch
     from cluster.launch.topology import build_graph, load_topology
-    from cluster.training.config import load_train_config, model_args_for
+    from cluster.training.config import ParallelSection, load_train_config, model_args_for
     from comm.pipeline import SCHEDULES
     from comm.schedule import format_schedule, simulate
 
     with usage_errors():
         cfg = load_train_config(ns.config)
-    if cfg.parallel is None:
-        raise CLIError(f"{ns.config} has no `parallel` section: its graph is one actor holding the whole model (see configs/pipeline.yaml)")
     par = cfg.parallel
+    if par is None:  # the 1 x 1 graph every run without a `parallel` section trains on
+        from cluster.launch.topology import single_actor
+
+        t = single_actor()
+        par = ParallelSection(topology={"pipeline_stages": 1, "expert_parallel": 1, "cpus_per_actor": t.cpus_per_actor})
+        print(f"{ns.config} has no `parallel` section: one actor holds the whole model")
     args = model_args_for(cfg, cfg.data.vocab_size)
     topo = load_topology(par.topology)
     graph = build_graph(topo, args.num_hidden_layers, args.n_routed_experts)
@@ -32,7 +37,8 @@ def run(ns: argparse.Namespace) -> int:
         lo, hi = graph.layer_slices[a.stage]
         ends = (["embedding"] if a.stage == 0 else []) + (["head"] + (["MTP"] if args.num_nextn_predict_layers else [])
                                                             if a.stage == P - 1 else [])
-        print(f"  rank {a.rank}: stage {a.stage} shard {a.ep_rank} on rack {a.rack}: layers {lo}..{hi - 1}"
+        where = f"rack {a.rack}" if a.rack is not None else "any node"
+        print(f"  rank {a.rank}: stage {a.stage} shard {a.ep_rank} on {where}: layers {lo}..{hi - 1}"
               f"{' + ' + ', '.join(ends) if ends else ''}, experts {a.ep_rank * per}..{(a.ep_rank + 1) * per - 1}")
     pipe = [lk for lk in graph.links if lk.kind == "pipeline"]
     by_class = {c: sum(lk.link_class == c for lk in pipe) for c in ("intra-rack", "inter-rack")}
@@ -51,7 +57,7 @@ def run(ns: argparse.Namespace) -> int:
         for c, lc in link.classes.items():
             print(f"  {c}: latency {lc.latency_s * 1e6:g} us, bandwidth {lc.bandwidth_Bps * 8 / 1e9:g} Gbit/s "
                   f"(source: {link.source_of(c)})")
-    unused = sorted(set(topo.racks) - {a.rack for a in graph.actors})
+    unused = sorted(set(topo.racks or ()) - {a.rack for a in graph.actors})
     if unused:
         print(f"note: rack(s) {unused} host no stage")
     sched = SCHEDULES[par.schedule](P, par.microbatches)

@@ -135,6 +135,9 @@ def yaml_loader():
     lines of both), YAML 1.2 floats such as ``1e-6`` read as floats (PyYAML: a string)."""
     import yaml
 
+    class DuplicateKeyError(yaml.MarkedYAMLError):
+        """A key given twice in one mapping (not a refused tag: no hint about tags)."""
+
     class Loader(yaml.SafeLoader):
         def construct_mapping(self, node, deep=False):
             seen: dict = {}
@@ -145,7 +148,7 @@ def yaml_loader():
                 except TypeError:  # unhashable key: SafeLoader reports it
                     continue
                 if first is not None:
-                    raise yaml.constructor.ConstructorError(
+                    raise DuplicateKeyError(
                         "while constructing a mapping", node.start_mark,
                         f"duplicate key {key!r} (first given on line {first.line + 1})", key_node.start_mark)
                 seen[key] = key_node.start_mark

@@ -203,8 +203,10 @@ def test_plan_prints_the_actor_graph_and_schedule(repo_root, tmp_path):
     assert "4 stage actors = 2 pipeline stages x 2 expert shards" in r.stdout
     assert "stage 1 shard 1 on rack r1: layers 2..3 + head, MTP, experts 4..7" in r.stdout
     assert "stage 0: F0 F1 B0 B1" in r.stdout and "simulated bubble" in r.stdout
-    r = tide(repo_root, "plan", "configs/debug.yaml")
-    assert r.returncode == 2 and "no `parallel` section" in r.stderr
+    r = tide(repo_root, "plan", "configs/debug.yaml")  # no `parallel` section: the 1 x 1 graph
+    assert r.returncode == 0, r.stderr
+    assert "1 stage actors = 1 pipeline stages x 1 expert shards (2 CPU each)" in r.stdout
+    assert "stage 0 shard 0 on any node: layers 0..3 + embedding, head, MTP, experts 0..7" in r.stdout
 
 
 def test_plan_prints_and_checks_the_link_model(repo_root, tmp_path):
@@ -220,6 +222,6 @@ def test_plan_prints_and_checks_the_link_model(repo_root, tmp_path):
     assert f"  inter-rack: latency 603.226 us, bandwidth 6.65123 Gbit/s (source: {lm})" in r.stdout
     lm.write_text("inter-rack: {latency_us: .nan, bandwidth_gbps: 0}\n")
     r = tide(repo_root, "plan", str(conf))
-    assert r.returncode == 2 and f"tide: error: parallel.link_model: {lm}: inter-rack: latency_us" in r.stderr
+    assert r.returncode == 2 and f"tide: error: {conf}: parallel.link_model: {lm}: inter-rack: latency_us" in r.stderr
     r = tide(repo_root, "plan", "configs/pipeline.yaml")  # link_model unset: off
     assert "link model: off" in r.stdout

@@ -177,7 +177,7 @@ class TrainConfig:
 
 def _build(cls, data: Any, where: str):
     if not isinstance(data, dict):
-        raise ValueError(f"{where}: expected a mapping, got {type(data).__name__}")
+        raise ValueError(f"{where or 'top level'}: expected a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
@@ -187,12 +187,12 @@ def _build(cls, data: Any, where: str):
             hint = ("; runs no longer go through Ray Train workers: every run is an actor graph, and a run "
                     "without a `parallel` section is one actor of 2 CPUs (set parallel.topology.cpus_per_actor "
                     "with pipeline_stages: 1, expert_parallel: 1 to change it)")
-        raise ValueError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(names)}{hint}")
+        raise ValueError(f"{where or 'top level'}: unknown key(s) {unknown}; allowed: {sorted(names)}{hint}")
     kwargs = {}
     for f in dataclasses.fields(cls):
         if f.name not in data:
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise ValueError(f"{where}: missing required key {f.name!r}")
+                raise ValueError(f"{where or 'top level'}: missing required key {f.name!r}")
             continue
         value, hint = data[f.name], hints[f.name]
         key = f"{where}.{f.name}" if where else f.name
@@ -224,9 +224,9 @@ def _validate(cfg: TrainConfig) -> None:
         if st.batch_tokens < st.seq_len:
             raise ValueError(f"{w}: batch_tokens ({st.batch_tokens}) must be >= seq_len ({st.seq_len})")
         if (st.steps is None) == (st.tokens is None):
-            raise ValueError(f"{w}: give exactly one budget, steps or tokens")
+            raise ValueError(f"{w}: give exactly one of steps or tokens (how long the stage trains)")
         if (st.steps is not None and st.steps < 1) or (st.tokens is not None and st.tokens < 1):
-            raise ValueError(f"{w}: the budget must be >= 1")
+            raise ValueError(f"{w}: steps / tokens must be >= 1")
         if st.attention not in ATTENTION_MODES:
             raise ValueError(f"{w}: attention must be one of {ATTENTION_MODES}, got {st.attention!r}")
         if st.lr_mult <= 0 or st.mtp_weight < 0:
@@ -315,7 +315,12 @@ def load_train_config(path_or_dict: str | Path | dict, **overrides: Any) -> Trai
         cfg = _build(TrainConfig, data, "")
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from None
-    _validate(cfg)
+    try:
+        _validate(cfg)
+    except ValueError as e:
+        if isinstance(path_or_dict, dict):  # no file to name
+            raise
+        raise ValueError(f"{where}: {e}") from None
     return cfg
 
 

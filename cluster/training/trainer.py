@@ -31,9 +31,11 @@ optimizer step and checkpoint format serve all of them; this module is the drive
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
+import os
 import platform
 import random
 import subprocess
@@ -185,8 +187,11 @@ class Trainer:
                       microbatches=par.microbatches if par else 1, waves=par.waves if par else 1,
                       expert_waves=par.expert_waves if par else None, schedule=par.schedule if par else "1f1b")
         topo = load_topology(par.topology) if par is not None else None
-        shape = (f"{topo.pipeline_stages} stages x {topo.expert_parallel} expert shards on racks "
-                 f"{sorted({a.rack for a in self.graph.actors})}" if topo else "1 stage x 1 shard (the whole model)")
+        racks = sorted({a.rack for a in self.graph.actors if a.rack is not None})
+        shape = "1 stage x 1 shard (the whole model)"
+        if topo:
+            shape = (f"{topo.pipeline_stages} stage(s) x {topo.expert_parallel} expert shard(s)"
+                     + (f" on racks {racks}" if racks else " on any node"))
         name = f"tide/{cfg.name}" + (f"/restart{self.attempt}" if self.attempt else "")
         where = "in this process" if self.in_process else "as Ray actors"
         self.log(f"starting {len(self.graph.actors)} stage actor(s) {where}: {shape}")
@@ -508,6 +513,39 @@ def run_summary(cfg: TrainConfig) -> dict:
 
 
 # ---------------------------------------------------------------- the program
+@contextlib.contextmanager
+def run_lock(cfg: TrainConfig):
+    """Hold ``<run_dir>/.lock`` (an exclusive ``flock``) while a run trains: a second ``tide train``
+    (or ``ray job submit``) of the same run directory is refused instead of interleaving its steps and
+    checkpoints with the first's. The lock is the kernel's: a killed process never leaves it held.
+
+    Raises:
+        ValueError: the run is being trained by another process (named, when it wrote its name).
+    """
+    import fcntl
+
+    run_dir = cfg.run_dir()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / ".lock"
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = path.read_text().strip() or "another process"
+            raise ValueError(f"run '{cfg.name}' ({run_dir}) is being trained by {holder}; wait for it to finish "
+                             f"(then the same command resumes it) or give another --name") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {platform.node()}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            f.seek(0)
+            f.truncate()
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def train(cfg: TrainConfig, *, address: str | None = None, progress: str = "bar", in_process: bool = False,
           extra_cpus: dict[str, float] | None = None, after: Callable[[dict, TrainConfig], Any] | None = None,
           report: ReportFn | None = None) -> dict:
@@ -524,9 +562,16 @@ def train(cfg: TrainConfig, *, address: str | None = None, progress: str = "bar"
             ``deploy.serve.serve_and_ask``); its result is stored as ``summary["after"]``.
 
     Raises:
-        ValueError: a config the graph cannot run (before anything starts), nothing to join.
+        ValueError: a config the graph cannot run (before anything starts), nothing to join, the run
+            already being trained by another process (``run_lock``).
         RuntimeError: the run failed ``ray.max_failures + 1`` times.
     """
+    with run_lock(cfg):
+        return _train(cfg, address=address, progress=progress, in_process=in_process, extra_cpus=extra_cpus,
+                      after=after, report=report)
+
+
+def _train(cfg, *, address, progress, in_process, extra_cpus, after, report) -> dict:
     from ray.exceptions import RayActorError
 
     from actors.group import ActorDied

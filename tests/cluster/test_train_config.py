@@ -27,7 +27,7 @@ def test_stage_lookup_and_token_budget():
 
 @pytest.mark.parametrize("bad,match", [
     ({"curriculum": [STAGE], "optimizer": {}}, "unknown key"),
-    ({"curriculum": [{**STAGE, "tokens": 100}]}, "exactly one budget"),
+    ({"curriculum": [{**STAGE, "tokens": 100}]}, "exactly one of steps or tokens"),
     ({"curriculum": [{**STAGE, "attention": "fast"}]}, "attention must be one of"),
     ({"curriculum": [{**STAGE, "seq_len": "64"}]}, r"curriculum\[0\].seq_len: expected int"),
     ({"curriculum": [{**STAGE, "batch_tokens": 10}]}, "batch_tokens"),

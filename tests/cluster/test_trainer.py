@@ -188,3 +188,23 @@ def test_activation_checkpointing_switch_keeps_every_loss(tmp_path):
         rows[on] = [{k: r[k] for k in ("ce", "loss", "grad_norm") if k in r}
                     for r in read_metrics(tmp_path / cfg["name"])]
     assert rows[True] == rows[False] and len(rows[True]) == 5
+
+
+def test_a_second_run_of_the_same_name_is_refused_while_the_first_trains(tmp_path):
+    """Two `tide train --name x` at once would interleave steps and checkpoints in one run directory."""
+    cfg = tiny_config(tmp_path, "twice", curriculum=[{"name": "a", "seq_len": 64, "batch_tokens": 256, "steps": 40,
+                                                      "attention": "dense"}])
+    first = _spawn(cfg, tmp_path)
+    metrics = tmp_path / "twice" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().strip()):
+        time.sleep(0.1)
+    try:
+        with pytest.raises(ValueError, match=rf"run 'twice' .* is being trained by pid {first.pid} "):
+            train(load_train_config(cfg), in_process=True, progress="none")
+    finally:
+        first.kill()
+        first.wait()
+    # the kernel drops the lock with the killed process: the same command resumes
+    summary = train(load_train_config(cfg), in_process=True, progress="none")
+    assert summary["steps"] == 40 and [r["step"] for r in read_metrics(tmp_path / "twice")] == list(range(40))
