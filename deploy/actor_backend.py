@@ -1,4 +1,4 @@
-"""Serving on the stage actors: the engine's backend over a ``StageGroup`` (issue 5).
+"""Serving on the stage actors: the engine's backend over a ``StageGroup``.
 
 The same ``actors.StageWorker`` actors that train run prefill and decode: every call
 goes to all actors of the graph at once (``StageWorker.infer_run``); the first stage

@@ -1,4 +1,4 @@
-"""OpenAI-compatible HTTP app (FastAPI) over a generation engine (issue 5, first piece).
+"""OpenAI-compatible HTTP app (FastAPI) over a generation engine.
 
 ``build_app(engine, api_key=None)``: ``GET /health``, ``GET /v1/models``,
 ``POST /v1/completions``, ``POST /v1/chat/completions`` (``stream: true`` -> server-sent

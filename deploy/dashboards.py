@@ -1,4 +1,4 @@
-"""Grafana dashboards for training and serving, defined in code (issue 7).
+"""Grafana dashboards for training and serving, defined in code.
 
 ``training_dashboard()`` and ``serving_dashboard()`` build the two dashboards with the
 builders of ``grafana-foundation-sdk`` (Grafana's own code-generated SDK; the JSON is its

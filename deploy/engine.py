@@ -1,4 +1,4 @@
-"""The generation engine behind the HTTP app: continuous batching with chunked prefill (issue 5).
+"""The generation engine behind the HTTP app: continuous batching with chunked prefill.
 
 ``Engine(backend, tokenizer, model_name)`` runs a scheduler thread over a *backend*
 that owns the model and the decode states:

@@ -1,4 +1,4 @@
-"""Load a servable model + tokenizer from a training run, a training checkpoint or an HF directory (issue 5).
+"""Load a servable model + tokenizer from a training run, a training checkpoint or an HF directory.
 
 ``locate(path)`` (cheap: no weights read) and ``load_engine(path)`` accept:
 

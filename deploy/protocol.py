@@ -1,4 +1,4 @@
-"""OpenAI-compatible request schemas and the OpenAI error shape (issue 5, first piece).
+"""OpenAI-compatible request schemas and the OpenAI error shape.
 
 Pydantic models validate ``/v1/completions`` and ``/v1/chat/completions`` bodies;
 ``validate_request`` adds the checks that need the served model (vocabulary size,

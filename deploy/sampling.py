@@ -1,4 +1,4 @@
-"""Token sampling for serving (issue 5): greedy, temperature, top-k, top-p, logit bias, seeds, stops.
+"""Token sampling for serving: greedy, temperature, top-k, top-p, logit bias, seeds, stops.
 
 ``Sampler(params, vocab_size)`` holds one request's sampling state; ``sample(logits
 [V]) -> int`` draws its next token. Order of operations (as vLLM / OpenAI):

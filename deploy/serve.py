@@ -1,4 +1,4 @@
-"""Ray Serve deployment of the OpenAI-compatible app (issue 5).
+"""Ray Serve deployment of the OpenAI-compatible app.
 
 ``serve run deploy.serve:build path=runs/pipeline`` (or ``tide serve runs/pipeline``)
 starts one replica that loads the model and answers through ``deploy.app``'s FastAPI
