@@ -34,15 +34,14 @@ from ray.util.placement_group import placement_group as _placement_group
 from ray.util.placement_group import remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from .stage_worker import StageWorker
+from .stage_worker import ActorDied, StageWorker
+
+__all__ = ["ActorDied", "PlacementError", "StageGroup", "LocalGroup", "actor_name", "bundle_specs",
+           "pipeline_generate"]
 
 
 class PlacementError(RuntimeError):
     """The actor graph could not be placed on racks as the topology asks."""
-
-
-class ActorDied(RuntimeError):
-    """A ``LocalGroup`` worker failed the way an actor process dies (``crash``): restartable."""
 
 
 def actor_name(prefix: str, stage: int, ep_rank: int) -> str:
@@ -174,6 +173,7 @@ class LocalGroup:
         self.failed = False
         torch.set_num_threads(max(1, int(graph.cpus_per_actor)))
         self.worker = StageWorker(graph, 0, model_args, **worker_kwargs)
+        self.worker.in_process = True  # crash() raises ActorDied instead of ending this process
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]

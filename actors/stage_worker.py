@@ -35,6 +35,13 @@ from model.stage import PipelineStage, is_expert_param
 from model.training import set_attention_mode
 
 OPTIM_PREFIX = "optim/"
+SHARD_FILE_SUFFIX = ".safetensors"
+
+
+class ActorDied(RuntimeError):
+    """An in-process worker (``actors.group.LocalGroup``) failed the way an actor process dies
+    (``crash``): restartable."""
+INIT_SCHEMES = ("per_parameter", "sequential")
 
 
 class StageWorker:
@@ -44,9 +51,12 @@ class StageWorker:
         graph: the ``cluster.launch.topology.ActorGraph``.
         rank: this actor's rank in it (``ActorSpec.rank``).
         model_args: ``ModelArgs.to_dict()`` of the model.
-        seed: initial weights are the single-process model's for this seed (every
-            actor builds the same full model and keeps its slice; checkpoints
-            replace them).
+        seed: initial weights are ``Transformer.build(args, seed)``'s (checkpoints replace them).
+        init: ``"per_parameter"`` (default): this actor materialises only its own tensors, each
+            drawn from ``(seed, its full name)`` (``model.init``), so every layout starts from the
+            same parameters; ``"sequential"``: ``torch.manual_seed(seed)`` then the whole model built
+            in order and sliced (tide's earlier rule: needs the whole model in every actor's
+            memory; reproduces runs made before).
         microbatches, waves, expert_waves, schedule: see ``comm.pipeline.PipelineRunner``.
         link: link-model dict (``LinkModel.to_dict()`` form) to shape transfers, or None (off).
         trace: record a timeline (``trace_events``).
@@ -58,11 +68,14 @@ class StageWorker:
     def __init__(self, graph, rank: int, model_args: dict, *, seed: int = 0, microbatches: int = 1,
                  waves: int = 1, expert_waves: int | None = None, schedule: str = "1f1b",
                  link: dict | None = None, trace: bool = False, optim: dict | None = None,
-                 activation_checkpointing: bool = False, deterministic: bool = False):
+                 activation_checkpointing: bool = False, deterministic: bool = False, init: str = "per_parameter"):
         self.graph, self.rank = graph, rank
         self.spec = next(a for a in graph.actors if a.rank == rank)
         self.args = ModelArgs.from_dict(model_args, source="model_args")
         self.seed = seed
+        if init not in INIT_SCHEMES:
+            raise ValueError(f"init must be one of {list(INIT_SCHEMES)}, got {init!r}")
+        self.init = init
         self.run_opts = dict(microbatches=microbatches, waves=waves, expert_waves=expert_waves, schedule=schedule)
         self.link = LinkModel.from_dict(link, enabled=True) if link else LinkModel()
         self.tracer = Tracer(rank, f"stage {self.spec.stage} / shard {self.spec.ep_rank} ({self.spec.rack})",
@@ -75,6 +88,7 @@ class StageWorker:
         self.routing_cache: dict[int, dict[str, torch.Tensor]] = {}  # anticipatory routing, by step
         self.last_forced: dict[str, torch.Tensor] | None = None
         self.last_batch: dict | None = None
+        self.in_process = False  # LocalGroup sets it: crash() raises instead of exiting
 
     # ------------------------------------------------------------ placement
     def placement(self) -> dict:
@@ -117,12 +131,16 @@ class StageWorker:
                                 world_size=len(self.graph.actors), timeout=datetime.timedelta(seconds=timeout_s))
         self.mesh = build_mesh(self.graph, self.rank, tied_embedding=self.args.num_nextn_predict_layers > 0)
         lo, hi = self.graph.layer_slices[self.spec.stage]
-        torch.manual_seed(self.seed)
-        full = Transformer(self.args)
-        self.stage = PipelineStage.from_model(full, lo, hi, lo == 0, hi == self.args.num_hidden_layers,
-                                              self.spec.ep_rank, self.mesh.ep_size)
-        del full
-        self.stage.to(self.device)
+        if self.init == "sequential":
+            torch.manual_seed(self.seed)
+            full = Transformer(self.args)
+            self.stage = PipelineStage.from_model(full, lo, hi, lo == 0, hi == self.args.num_hidden_layers,
+                                                  self.spec.ep_rank, self.mesh.ep_size)
+            del full
+            self.stage.to(self.device)
+        else:
+            self.stage = PipelineStage.build(self.args, lo, hi, self.spec.ep_rank, self.mesh.ep_size,
+                                             seed=self.seed, device=self.device)
         self.stage.train()
         from model.remat import checkpointed
 
@@ -295,6 +313,58 @@ class StageWorker:
         out.update({OPTIM_PREFIX + k: v.cpu() for k, v in optim_lib.optimizer_state_by_name(self.optimizer).items()})
         return out
 
+    def write_shard(self, directory: str, group_format: str, crash_rank: int | None = None) -> dict:
+        """Write this actor's shard (model tensors + optimizer state, as :meth:`state`) straight into
+        the uncommitted checkpoint ``directory`` as ``<group>.safetensors``, fsynced.
+
+        ``group_format``: the group name, formatted with ``stage`` and ``ep_rank``
+        (``cluster.checkpoint.sharded.SHARD_GROUP_FORMAT``). ``crash_rank``: testing hook -- the
+        actor of that rank dies halfway through writing its file.
+        Returns ``{"group", "file", "size", "sha256"}`` plus :meth:`shard_info` for the manifest.
+
+        Raises:
+            OSError: the write failed (the partial file is removed); FileExistsError: written already.
+        """
+        from pathlib import Path
+
+        from model.safe_io import write_safetensors
+
+        group = group_format.format(stage=self.spec.stage, ep_rank=self.spec.ep_rank)
+        path = Path(directory) / f"{group}{SHARD_FILE_SUFFIX}"
+        tensors = dict(self.stage.state_dict())
+        tensors.update({OPTIM_PREFIX + k: v for k, v in optim_lib.optimizer_state_by_name(self.optimizer).items()})
+        if crash_rank == self.rank:
+            with open(path, "wb") as f:  # a torn write: the first bytes of a safetensors header
+                f.write(b"\x00" * 4096)
+            self.crash()
+        size, digest = write_safetensors(path, tensors)
+        return {"group": group, "file": path.name, "size": size, "sha256": digest, **self.shard_info()}
+
+    def load_shards(self, sources: list[tuple[str, int, int]]) -> dict:
+        """Load this actor's tensors and optimizer state straight from a sharded checkpoint of any
+        layout (``model.shard_io.read_stage_tensors``: only the tensors, and expert rows, it owns).
+
+        ``sources``: ``(file, expert_lo, expert_hi)`` of every shard file of the checkpoint (on
+        storage this actor sees). Returns ``{"rank", "bytes": bytes read into this actor}``.
+
+        Raises:
+            ValueError: a tensor of this stage missing from the checkpoint, or of another shape.
+        """
+        from model.shard_io import read_stage_tensors
+
+        shapes = {n: tuple(t.shape) for n, t in self.stage.state_dict().items()}
+        names = {n for n, _ in self.stage.named_parameters()}
+        model_t, optim_t = read_stage_tensors(sources, shapes, names, self.stage.expert_lo, self.stage.expert_hi,
+                                              is_expert=is_expert_param, optim_prefix=OPTIM_PREFIX)
+        self.stage.load_state_dict(model_t)
+        optim_lib.load_optimizer_state_by_name(self.optimizer, optim_t)
+        n = sum(t.numel() * t.element_size() for t in (*model_t.values(), *optim_t.values()))
+        return {"rank": self.rank, "bytes": n}
+
+    def sees(self, path: str) -> bool:
+        """Whether ``path`` exists where this actor runs (the driver's shared-storage probe)."""
+        return os.path.exists(path)
+
     def load_state(self, full_model: dict[str, torch.Tensor], full_optim: dict[str, torch.Tensor]) -> None:
         """Load this shard's part of full-model tensors and optimizer state (any source layout)."""
         self.stage.load_state_dict(self.stage.shard_state_dict(full_model))
@@ -317,7 +387,10 @@ class StageWorker:
         self.tracer.enabled = enabled
 
     def crash(self) -> None:
-        """Kill this actor's process (tests of the restart path: ``fail_at_step`` in pipeline runs)."""
+        """Kill this actor's process (tests of the restart path: ``fail_at_step``); in process
+        (``LocalGroup``), raise :class:`ActorDied` instead."""
+        if self.in_process:
+            raise ActorDied("the in-process stage worker failed (injected)")
         os._exit(1)
 
     def shutdown(self) -> None:

@@ -31,6 +31,7 @@ from torch import nn
 import kernels
 
 from .config import CSA, HCA, SWA, ModelArgs
+from .init import filled, normal_
 from .layers import RMSNorm, rms_norm_noweight
 from .rope import Rotary, apply_rope
 from .state import CompressorState, Growable, LayerState, is_ragged, window_positions
@@ -80,10 +81,10 @@ class Compressor(nn.Module):
         width = 2 * dim if overlap else dim
         self.kv_proj = nn.Linear(hidden, width, bias=False)
         self.gate_proj = nn.Linear(hidden, width, bias=False)
-        self.position_bias = nn.Parameter(torch.zeros(rate, width, dtype=torch.float32))
+        self.position_bias = filled((rate, width), 0.0)
         self.kv_norm = RMSNorm(dim, eps)
-        nn.init.normal_(self.kv_proj.weight, std=std)
-        nn.init.normal_(self.gate_proj.weight, std=std)
+        normal_(self.kv_proj.weight, std)
+        normal_(self.gate_proj.weight, std)
 
     def forward(self, x_BSE: torch.Tensor, rotary: Rotary, state: CompressorState | None,
                 start_entry: int, doc_ids_BS: torch.Tensor | None = None) -> torch.Tensor:
@@ -182,7 +183,7 @@ class Indexer(Compressor):
         self.scorer = nn.Module()
         self.scorer.weights_proj = nn.Linear(args.hidden_size, self.n_heads, bias=False)
         for m in (self.q_b_proj, self.scorer.weights_proj):
-            nn.init.normal_(m.weight, std=std)
+            normal_(m.weight, std)
 
     def queries(self, x_BSE: torch.Tensor, cq_BSL: torch.Tensor, q_cos, q_sin):
         """``(q [B,S,I,Di] float32, w [B,S,I] float32)`` for the scorer."""
@@ -266,9 +267,9 @@ class Attention(nn.Module):
         self.kv_norm = RMSNorm(D, args.rms_norm_eps)
         self.o_a_proj = nn.Linear(H * D // args.o_groups, args.o_groups * args.o_lora_rank, bias=False)
         self.o_b_proj = nn.Linear(args.o_groups * args.o_lora_rank, E, bias=False)
-        self.sinks = nn.Parameter(torch.zeros(H, dtype=torch.float32))
+        self.sinks = filled(H, 0.0)
         for m in (self.q_a_proj, self.q_b_proj, self.kv_proj, self.o_a_proj, self.o_b_proj):
-            nn.init.normal_(m.weight, std=std)
+            normal_(m.weight, std)
         self.rotary = Rotary(args.rope_parameters, args.qk_rope_head_dim)
         self.compressor: Compressor | None = None
         self.rate = args.compress_rate(layer_type)

@@ -21,6 +21,8 @@ from torch import nn
 
 import kernels
 
+from .init import filled, normal_
+
 
 class RMSNorm(nn.Module):
     """RMSNorm with a float32 weight; computes in float32, returns the input dtype.
@@ -30,7 +32,7 @@ class RMSNorm(nn.Module):
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim, dtype=torch.float32))
+        self.weight = filled(dim, 1.0)
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -78,9 +80,9 @@ class HyperConnection(nn.Module):
         self.constrained = constrained
         n_out = (2 + hc_mult) * hc_mult
         self.fn = nn.Parameter(torch.empty(n_out, hc_mult * hidden_size, dtype=torch.float32))
-        self.base = nn.Parameter(torch.zeros(n_out, dtype=torch.float32))
-        self.scale = nn.Parameter(torch.ones(3, dtype=torch.float32))
-        nn.init.normal_(self.fn, std=0.02)
+        self.base = filled(n_out, 0.0)
+        self.scale = filled(3, 1.0)
+        normal_(self.fn, 0.02)
 
     def forward(self, streams_BSND: torch.Tensor):
         B, S, N, D = streams_BSND.shape
@@ -128,9 +130,9 @@ class HyperHead(nn.Module):
         self.hc_eps = hc_eps
         self.norm_eps = norm_eps
         self.hc_fn = nn.Parameter(torch.empty(hc_mult, hc_mult * hidden_size, dtype=torch.float32))
-        self.hc_base = nn.Parameter(torch.zeros(hc_mult, dtype=torch.float32))
-        self.hc_scale = nn.Parameter(torch.ones(1, dtype=torch.float32))
-        nn.init.normal_(self.hc_fn, std=0.02)
+        self.hc_base = filled(hc_mult, 0.0)
+        self.hc_scale = filled(1, 1.0)
+        normal_(self.hc_fn, 0.02)
 
     def forward(self, streams_BSND: torch.Tensor) -> torch.Tensor:
         flat = rms_norm_noweight(streams_BSND.flatten(2).float(), self.norm_eps)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelArgs
+from .init import normal_
 
 
 @dataclass
@@ -64,15 +65,26 @@ class Router(nn.Module):
         self.norm_topk = args.norm_topk_prob
         self.scaling = args.routed_scaling_factor
         self.weight = nn.Parameter(torch.empty(args.n_routed_experts, args.hidden_size))
-        nn.init.normal_(self.weight, std=args.initializer_range)
+        normal_(self.weight, args.initializer_range)
+        self.vocab_size = args.vocab_size
         if hashed:
-            # Frozen token -> experts table (checkpoints overwrite it). Default: a multiplicative
-            # hash picks a start expert, the token takes K consecutive (distinct) experts from it.
-            start = (torch.arange(args.vocab_size, dtype=torch.long) * 2654435761) % args.n_routed_experts
-            table = (start[:, None] + torch.arange(self.top_k)) % args.n_routed_experts
-            self.register_buffer("tid2eid", table.long())
+            self.register_buffer("tid2eid", self._hash_table(None))  # the ambient device (meta builds)
         else:
             self.register_buffer("e_score_correction_bias", torch.zeros(args.n_routed_experts, dtype=torch.float32))
+
+    def _hash_table(self, device) -> torch.Tensor:
+        """The default frozen token -> experts table ``[vocab, K]`` int64 (checkpoints overwrite it):
+        a multiplicative hash picks a start expert, the token takes K consecutive (distinct) experts."""
+        start = (torch.arange(self.vocab_size, dtype=torch.long, device=device) * 2654435761) % self.n_experts
+        return (start[:, None] + torch.arange(self.top_k, device=device)) % self.n_experts
+
+    @torch.no_grad()
+    def reset_buffers(self) -> None:
+        """Initial buffer values on the buffers' device (``model.init.materialize``)."""
+        if self.hashed:
+            self.tid2eid.copy_(self._hash_table(self.tid2eid.device))
+        else:
+            self.e_score_correction_bias.zero_()
 
     def forward(self, x_ND: torch.Tensor, token_ids_N: torch.Tensor | None = None,
                 forced_indices_NK: torch.Tensor | None = None):
@@ -103,8 +115,8 @@ class Experts(nn.Module):
         self.limit = limit
         self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * inter, hidden))
         self.down_proj = nn.Parameter(torch.empty(n_experts, hidden, inter))
-        nn.init.normal_(self.gate_up_proj, std=std)
-        nn.init.normal_(self.down_proj, std=std)
+        normal_(self.gate_up_proj, std, per_expert=True)
+        normal_(self.down_proj, std, per_expert=True)
 
     def forward(self, x_ND: torch.Tensor, indices_NK: torch.Tensor, weights_NK: torch.Tensor) -> torch.Tensor:
         """Vectorised dispatch/combine: ``sum_k w[n,k] * expert_{idx[n,k]}(x[n])`` -> ``[N, D]``.
@@ -155,7 +167,7 @@ class SharedExpert(nn.Module):
         self.up_proj = nn.Linear(hidden, inter, bias=False)
         self.down_proj = nn.Linear(inter, hidden, bias=False)
         for m in (self.gate_proj, self.up_proj, self.down_proj):
-            nn.init.normal_(m.weight, std=std)
+            normal_(m.weight, std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate = self.gate_proj(x).clamp(max=self.limit)

@@ -59,9 +59,18 @@ class Rotary(nn.Module):
     def __init__(self, rope_parameters: dict, rope_dim: int):
         super().__init__()
         self.rope_dim = rope_dim
+        self.rope_parameters = rope_parameters
         self.register_buffer("main_inv_freq", inv_freq_for(rope_parameters["main"], rope_dim), persistent=False)
         self.register_buffer("compress_inv_freq", inv_freq_for(rope_parameters["compress"], rope_dim),
                              persistent=False)
+
+    @torch.no_grad()
+    def reset_buffers(self) -> None:
+        """Recompute the tables on the buffers' device (``model.init.materialize``)."""
+        for name, kind in (("main_inv_freq", "main"), ("compress_inv_freq", "compress")):
+            buf = getattr(self, name)
+            with torch.device("cpu"):
+                buf.copy_(inv_freq_for(self.rope_parameters[kind], self.rope_dim))
 
     def cos_sin(self, positions: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
         inv = self.main_inv_freq if kind == "main" else self.compress_inv_freq

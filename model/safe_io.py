@@ -4,7 +4,8 @@ Unpickling a file runs whatever code its author put in it (a ``__reduce__`` that
 ``os.system``), and ``torch.save``'s ``.pt`` / ``.pth`` / ``.bin`` files are pickles
 (the newer ones inside a zip archive). So tide reads:
 
-- tensors only from safetensors files (:func:`load_safetensors`, :func:`open_safetensors`);
+- tensors only from safetensors files (:func:`load_safetensors`, :func:`open_safetensors`;
+  written with :func:`write_safetensors`, which returns the file's sha256);
 - configs, manifests and metadata only as JSON, or as YAML through :func:`read_yaml` --
   the one YAML reader of the project (training configs, topologies, link models, model
   YAMLs, the cluster YAML): a ``yaml.SafeLoader`` subclass, which refuses tags that build
@@ -117,6 +118,78 @@ def open_safetensors(path: str | os.PathLike, *, device: str | torch.device = "c
         except SafetensorError as e:
             raise ValueError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}; "
                              f"{SAFETENSORS_ALLOWED}") from None
+
+
+def prepare_tensors(tensors: dict, what: str) -> dict:
+    """CPU, contiguous tensors with no two sharing storage (what safetensors writes), cloned only where needed.
+
+    Raises:
+        TypeError: ``tensors`` is not a ``dict[str, Tensor]`` (``what`` names it).
+    """
+    import torch
+
+    if not isinstance(tensors, dict):
+        raise TypeError(f"{what} must be a dict[str, Tensor], got {type(tensors).__name__}")
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, t in tensors.items():
+        if not isinstance(name, str):
+            raise TypeError(f"{what}: key {name!r} is not a str")
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{what}: {name!r} is a {type(t).__name__}, not a Tensor")
+        t = t.detach()
+        if t.device.type != "cpu":
+            t = t.to("cpu")  # a fresh storage
+        ptr = t.untyped_storage().data_ptr()
+        if not t.is_contiguous() or (ptr != 0 and ptr in seen):
+            t = t.clone(memory_format=torch.contiguous_format)
+            ptr = t.untyped_storage().data_ptr()
+        if ptr != 0:
+            seen.add(ptr)
+        out[name] = t
+    return out
+
+
+def file_digest(path: str | os.PathLike, chunk: int = 8 << 20) -> tuple[int, str]:
+    """``(size in bytes, sha256 hex)`` of a file, read in chunks."""
+    import hashlib
+
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+            size += len(block)
+    return size, h.hexdigest()
+
+
+def write_safetensors(path: str | os.PathLike, tensors: dict, *, mode: int = 0o644) -> tuple[int, str]:
+    """Write ``tensors`` to a new safetensors file, fsynced; return its ``(size, sha256)``.
+
+    The digest is computed by reading the file back (what a later reader will see).
+    Raises:
+        FileExistsError: ``path`` exists.
+        TypeError: as :func:`prepare_tensors`.
+        OSError: the write failed (the partial file is removed).
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if path.exists():
+        raise FileExistsError(f"{path} exists")
+    prepared = prepare_tensors(tensors, str(path))
+    try:
+        save_file(prepared, str(path))
+        os.chmod(path, mode)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    return file_digest(path)
 
 
 YAML_ALLOWED = ("allowed: plain YAML only (mappings, lists, strings, numbers, booleans, null; read with "

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from .attention import Attention
+from .init import INIT_ATTR, init_rule, materialize
 from .losses import (
     METRIC_KEYS,
     LossConfig,
@@ -44,7 +45,7 @@ from .losses import (
 )
 from .moe import MoE, Router, Routing
 from .state import ModelState, advance, check_rows, start_positions
-from .transformer import BlockCall, ForwardAux, Transformer, run_blocks
+from .transformer import BlockCall, ForwardAux, Transformer, meta_device, run_blocks
 
 MTP_KEY = "mtp.0"  # routing / forced-routing key of the MTP block's MoE (its parameter prefix)
 EXPERT_TENSORS = ("gate_up_proj", "down_proj")
@@ -130,8 +131,31 @@ class PipelineStage(nn.Module):
             for moe in st.moes():
                 ex = moe.experts
                 for name in EXPERT_TENSORS:
-                    setattr(ex, name, nn.Parameter(getattr(ex, name).detach()[lo:hi].clone()))
+                    full_t = getattr(ex, name)
+                    part = nn.Parameter(full_t.detach()[lo:hi].clone())
+                    if init_rule(full_t) is not None:
+                        setattr(part, INIT_ATTR, init_rule(full_t))
+                    setattr(ex, name, part)
         return st
+
+    @classmethod
+    def build(cls, args, start: int, end: int, ep_rank: int = 0, ep_size: int = 1, *, seed: int = 0,
+              device: torch.device | str | None = None) -> PipelineStage:
+        """Stage ``[start, end)`` / expert shard ``ep_rank`` of ``ep_size``, holding only its own tensors.
+
+        The full model is built on the ``meta`` device (no memory), sliced, and only this
+        stage's parameters are materialised on ``device`` with layout-independent values
+        (``model.init``: from ``(seed, full name)``, expert rows from their global expert
+        id), so every layout starts from the parameters ``Transformer.build(args, seed)`` has.
+
+        Raises:
+            ValueError: as ``from_model``.
+        """
+        with meta_device():
+            full = Transformer(args)
+        st = cls.from_model(full, start, end, start == 0, end == args.num_hidden_layers, ep_rank, ep_size)
+        del full
+        return materialize(st, seed, device, expert_lo=st.expert_lo)
 
     @classmethod
     def whole(cls, model: Transformer) -> PipelineStage:

@@ -17,6 +17,7 @@ from torch import nn
 
 from .attention import Attention, IndexerKL
 from .config import SWA, ModelArgs
+from .init import materialize, normal_
 from .inputs import check_shapes, check_tokens
 from .layers import HyperConnection, HyperHead, RMSNorm
 from .moe import MoE, Routing
@@ -120,7 +121,7 @@ class MTPBlock(nn.Module):
         self.enorm = RMSNorm(E, args.rms_norm_eps)
         self.hnorm = RMSNorm(E, args.rms_norm_eps)
         self.eh_proj = nn.Linear(2 * E, E, bias=False)
-        nn.init.normal_(self.eh_proj.weight, std=args.initializer_range)
+        normal_(self.eh_proj.weight, args.initializer_range)
         self.block = Block(args, SWA, "moe")
         self.hc_head = HyperHead(E, args.hc_mult, args.hc_eps, args.rms_norm_eps)
         self.norm = RMSNorm(E, args.rms_norm_eps)
@@ -152,14 +153,27 @@ class Transformer(nn.Module):
         self.args = args
         E = args.hidden_size
         self.embed_tokens = nn.Embedding(args.vocab_size, E)
-        nn.init.normal_(self.embed_tokens.weight, std=args.initializer_range)
+        normal_(self.embed_tokens.weight, args.initializer_range)
         self.layers = nn.ModuleList(
             Block(args, lt, mt) for lt, mt in zip(args.layer_types, args.mlp_layer_types, strict=True))
         self.hc_head = HyperHead(E, args.hc_mult, args.hc_eps, args.rms_norm_eps)
         self.norm = RMSNorm(E, args.rms_norm_eps)
         self.lm_head = nn.Linear(E, args.vocab_size, bias=False)
-        nn.init.normal_(self.lm_head.weight, std=args.initializer_range)
+        normal_(self.lm_head.weight, args.initializer_range)
         self.mtp = nn.ModuleList(MTPBlock(args) for _ in range(args.num_nextn_predict_layers))
+
+    @classmethod
+    def build(cls, args: ModelArgs, seed: int = 0, device: torch.device | str | None = None) -> Transformer:
+        """The whole model with layout-independent initial values (``model.init``): built on
+        ``meta``, then every tensor drawn from ``(seed, its name)`` on ``device`` (default CPU).
+
+        Equals, tensor for tensor, the union of ``PipelineStage.build`` stages of any layout
+        with the same seed. (``Transformer(args)`` instead draws from the global RNG in
+        construction order.)
+        """
+        with meta_device():
+            model = cls(args)
+        return materialize(model, seed, device)
 
     # ------------------------------------------------------------------ state
     def new_state(self, batch: int = 1, dtype: torch.dtype | None = None, device=None) -> ModelState:

@@ -52,7 +52,13 @@ from typing import Any
 
 import torch
 
-from cluster.checkpoint.store import load_checkpoint, save_checkpoint, unflatten_state
+from cluster.checkpoint.store import (
+    abort_checkpoint,
+    commit_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    unflatten_state,
+)
 from model.optim import CombinedOptimizer, is_muon_param, optimizer_state_by_name
 from model.stage import PipelineStage, is_expert_param, merge_state_dicts, shard_range
 
@@ -68,16 +74,23 @@ __all__ = [
     "shard_tensors",
     "split_shard_tensors",
     "save_pipeline_checkpoint",
+    "commit_pipeline_checkpoint",
+    "SHARD_GROUP_FORMAT",
     "load_pipeline_full",
+    "read_meta",
+    "shard_sources",
     "shard_optimizer_state",
     "stage_shard",
 ]
 
 
 # ---------------------------------------------------------------------- layout
+SHARD_GROUP_FORMAT = "stage{stage}-ep{ep_rank}"
+
+
 def shard_group(stage: int, ep_rank: int) -> str:
     """Tensor group name of shard ``(stage, ep_rank)``: ``"stage{stage}-ep{ep_rank}"``."""
-    return f"stage{stage}-ep{ep_rank}"
+    return SHARD_GROUP_FORMAT.format(stage=stage, ep_rank=ep_rank)
 
 
 def make_layout(layer_slices: Iterable[tuple[int, int]], expert_parallel: int, n_routed_experts: int) -> dict:
@@ -245,6 +258,36 @@ def save_pipeline_checkpoint(root: str | Path, step: int, shards: dict[tuple[int
     meta = {**meta, "layout": layout, "checkpoint_format": PIPELINE_FORMAT}
     return save_checkpoint(root, step, groups, meta, keep=DEFAULT_KEEP if keep is None else keep,
                            overwrite=overwrite)
+
+
+def commit_pipeline_checkpoint(directory: str | Path, step: int, written: list[dict], layout: dict, meta: dict,
+                               keep: int | None = None) -> Path:
+    """Commit a checkpoint whose shard files the actors wrote themselves.
+
+    ``directory`` is ``cluster.checkpoint.store.begin_checkpoint``'s; every actor wrote its
+    group there (``actors.stage_worker.StageWorker.write_shard``) and reported ``{"group",
+    "file", "size", "sha256", "stage", "ep_rank", ...}`` (``written``). The driver writes
+    ``meta.json`` (with ``layout`` and the format) and the manifest last, then renames: a
+    checkpoint is committed only when every shard reported, and never holds a partial file.
+
+    Raises:
+        ValueError: the reported shards do not match ``layout`` (missing or extra groups), an
+            invalid layout, or what ``store.commit_checkpoint`` raises. On any error the
+            uncommitted directory is removed.
+    """
+    try:
+        check_layout(layout, meta.get("model_args"))
+        layout = _norm_json(layout)
+        groups = {w["group"]: w for w in written}
+        missing, extra = sorted(set(layout["shards"]) - set(groups)), sorted(set(groups) - set(layout["shards"]))
+        if missing or extra or len(groups) != len(written):
+            raise ValueError(f"shards written do not match the layout: none for {missing}, not in the layout {extra}"
+                             f"{'' if len(groups) == len(written) else ', a group written twice'}")
+    except BaseException:
+        abort_checkpoint(directory)
+        raise
+    meta = {**meta, "layout": layout, "checkpoint_format": PIPELINE_FORMAT}
+    return commit_checkpoint(directory, step, groups, meta, keep=DEFAULT_KEEP if keep is None else keep)
 
 
 # ------------------------------------------------------------------------ load
@@ -421,6 +464,50 @@ def load_pipeline_full(path: str | Path, *, model_args: Any = None
     if ref is not None:
         _check_full(path, full_model, full_optim, ref)
     return full_model, full_optim, meta
+
+
+def read_meta(path: str | Path) -> dict:
+    """A checkpoint's ``meta.json`` (with ``step``), without reading any tensor.
+
+    Raises:
+        ValueError: no readable meta (named). FileNotFoundError: ``path`` is not a directory.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint {path} does not exist or is not a directory")
+    try:
+        meta = json.loads((path / "meta.json").read_bytes())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"checkpoint {path}: meta.json is unreadable: {e}") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"checkpoint {path}: meta.json is not a JSON object")
+    return meta
+
+
+def shard_sources(path: str | Path, meta: dict) -> list[tuple[str, int, int]]:
+    """``(file, expert_lo, expert_hi)`` of every shard file of a sharded checkpoint, for the
+    actors to read their own tensors from (``StageWorker.load_shards``), after checking the
+    layout and every file against the manifest (sizes and sha256: a streaming read, nothing held).
+
+    Raises:
+        ValueError: a damaged checkpoint (names the file), an invalid layout, or a layout shard
+            without its file.
+    """
+    from cluster.checkpoint.store import verify_checkpoint
+
+    path = Path(path)
+    problems = verify_checkpoint(path, hash_files=True)
+    if problems:
+        raise ValueError(problems[0])
+    layout = meta["layout"]
+    check_layout(layout, meta.get("model_args"))
+    out = []
+    for g, ent in sorted(layout["shards"].items(), key=lambda kv: (kv[1]["stage"], kv[1]["ep_rank"])):
+        f = path / f"{g}.safetensors"
+        if not f.is_file():
+            raise ValueError(f"{path}: the layout's shard group {g} has no file")
+        out.append((str(f.resolve()), ent["expert_lo"], ent["expert_hi"]))
+    return out
 
 
 # ---------------------------------------------------------------- re-sharding

@@ -50,7 +50,6 @@ problems of each checkpoint and exits with 1 if any has one.
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import math
 import os
@@ -65,10 +64,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from model.hf_io import fsync_path
-from model.safe_io import SAFETENSORS_ALLOWED, load_safetensors, refuse_pickle
+from model.safe_io import (
+    SAFETENSORS_ALLOWED,
+    file_digest,
+    load_safetensors,
+    prepare_tensors,
+    refuse_pickle,
+    write_safetensors,
+)
 
 MANIFEST = "MANIFEST.json"
 META = "meta.json"
@@ -89,6 +94,10 @@ _HASH_CHUNK = 8 << 20
 
 __all__ = [
     "save_checkpoint",
+    "begin_checkpoint",
+    "write_group",
+    "commit_checkpoint",
+    "abort_checkpoint",
     "load_checkpoint",
     "verify_checkpoint",
     "latest_checkpoint",
@@ -98,6 +107,7 @@ __all__ = [
     "mark_good",
     "is_good",
     "prune_checkpoints",
+    "set_aside",
     "remove_checkpoint",
     "cleanup_debris",
     "flatten_state",
@@ -156,15 +166,7 @@ def _write_bytes(path: Path, data: bytes) -> None:
         os.close(fd)
 
 
-def _hash_file(path: Path) -> tuple[int, str]:
-    """``(size, sha256 hex)`` of a file, read in chunks."""
-    h = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            h.update(chunk)
-            size += len(chunk)
-    return size, h.hexdigest()
+_hash_file = file_digest
 
 
 _fsync_file = fsync_path
@@ -178,30 +180,6 @@ def _remove_tree(path: Path) -> None:
 
 
 # --------------------------------------------------------------------- tensors
-def _prepare_group(group: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """CPU, contiguous tensors with no two sharing storage (what safetensors needs)."""
-    if not isinstance(tensors, dict):
-        raise TypeError(f"tensor group {group!r} must be a dict[str, Tensor], got {type(tensors).__name__}")
-    out: dict[str, torch.Tensor] = {}
-    seen: set[int] = set()
-    for name, t in tensors.items():
-        if not isinstance(name, str):
-            raise TypeError(f"tensor group {group!r}: key {name!r} is not a str")
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"tensor group {group!r}: {name!r} is a {type(t).__name__}, not a Tensor")
-        t = t.detach()
-        if t.device.type != "cpu":
-            t = t.to("cpu")  # a fresh storage
-        ptr = t.untyped_storage().data_ptr()
-        if not t.is_contiguous() or (ptr != 0 and ptr in seen):
-            t = t.clone(memory_format=torch.contiguous_format)
-            ptr = t.untyped_storage().data_ptr()
-        if ptr != 0:
-            seen.add(ptr)
-        out[name] = t
-    return out
-
-
 # ---------------------------------------------------------------------- save
 def save_checkpoint(
     root: str | Path,
@@ -252,25 +230,60 @@ def save_checkpoint(
     new checkpoint stays committed.
     """
     _check_step(step)
-    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
-        raise ValueError(f"keep must be an int >= 1, got {keep!r}")
+    _check_keep(keep)
     if not isinstance(tensors, dict):
         raise TypeError(f"tensors must be a dict of tensor groups, got {type(tensors).__name__}")
     for group in tensors:
-        if not isinstance(group, str) or not _GROUP_RE.match(group):
-            raise ValueError(
-                f"invalid tensor group name {group!r}: use letters, digits, '_', '.', '-' (not leading '.'/'-')"
-            )
+        _check_group(group)
+    _meta_bytes(meta, step)
+    prepared = {group: prepare_tensors(group_tensors, f"tensor group {group!r}")
+                for group, group_tensors in tensors.items()}
+    tmp = begin_checkpoint(root, step, overwrite=overwrite)
+    try:
+        written = {group: write_group(tmp, group, group_tensors) for group, group_tensors in prepared.items()}
+    except BaseException:
+        abort_checkpoint(tmp)
+        raise
+    return commit_checkpoint(tmp, step, written, meta, keep, overwrite=overwrite)
+
+
+def _check_keep(keep: Any) -> None:
+    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+        raise ValueError(f"keep must be an int >= 1, got {keep!r}")
+
+
+def _check_group(group: Any) -> None:
+    if not isinstance(group, str) or not _GROUP_RE.match(group):
+        raise ValueError(
+            f"invalid tensor group name {group!r}: use letters, digits, '_', '.', '-' (not leading '.'/'-')"
+        )
+
+
+def _meta_bytes(meta: Any, step: int) -> bytes:
     if not isinstance(meta, dict):
         raise TypeError(f"meta must be a dict, got {type(meta).__name__}")
     if "step" in meta and meta["step"] != step:
         raise ValueError(f"meta['step'] = {meta['step']!r} differs from step = {step}")
     try:
-        meta_bytes = json.dumps({**meta, "step": step}, indent=1, sort_keys=False).encode()
+        return json.dumps({**meta, "step": step}, indent=1, sort_keys=False).encode()
     except (TypeError, ValueError) as e:
         raise TypeError(f"meta must be JSON-serializable: {e}") from e
-    prepared = {group: _prepare_group(group, group_tensors) for group, group_tensors in tensors.items()}
 
+
+def begin_checkpoint(root: str | Path, step: int, *, overwrite: bool = False) -> Path:
+    """Open the uncommitted directory of the checkpoint of ``step``: ``root/.tmp-step-NNNNNNNN-*``.
+
+    The writers (one process, or every actor of a graph for its own shard) put their
+    tensor groups into it with :func:`write_group`; :func:`commit_checkpoint` then writes
+    the meta and the manifest and commits it; :func:`abort_checkpoint` throws it away.
+    A crash before the commit leaves only ``.tmp-*`` debris (:func:`cleanup_debris`).
+    On a multi-node graph ``root`` must be storage every node sees at the same path.
+
+    Raises:
+        ValueError: invalid ``step``.
+        FileExistsError: a checkpoint of ``step`` exists and not ``overwrite``.
+    """
+    _check_step(step)
     root = Path(root)
     if not root.is_dir():
         root.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
@@ -279,18 +292,76 @@ def save_checkpoint(
     final = root / checkpoint_dir_name(step)
     if final.exists() and not overwrite:
         raise FileExistsError(f"checkpoint {final} already exists (pass overwrite=True to replace it)")
-
     tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{final.name}-", dir=root))
+    os.chmod(tmp, DIR_MODE)
+    return tmp
+
+
+def write_group(directory: str | Path, group: str, tensors: dict[str, torch.Tensor]) -> dict:
+    """Write one tensor group as ``<directory>/<group>.safetensors`` (fsynced).
+
+    Returns ``{"file": name, "size": bytes, "sha256": hex}``: what :func:`commit_checkpoint`
+    records in the manifest.
+
+    Raises:
+        ValueError: invalid group name. TypeError: not a ``dict[str, Tensor]``.
+        FileExistsError: the group was written already. OSError: the write failed.
+    """
+    _check_group(group)
+    name = f"{group}{TENSOR_SUFFIX}"
+    size, digest = write_safetensors(Path(directory) / name, tensors, mode=FILE_MODE)
+    return {"file": name, "size": size, "sha256": digest}
+
+
+def abort_checkpoint(directory: str | Path) -> None:
+    """Remove an uncommitted checkpoint directory (:func:`begin_checkpoint`); missing is fine."""
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def commit_checkpoint(directory: str | Path, step: int, groups: dict[str, dict], meta: dict, keep: int = 3, *,
+                      overwrite: bool = False) -> Path:
+    """Write ``meta.json`` and ``MANIFEST.json`` (last) into an uncommitted checkpoint and commit it.
+
+    Args:
+        directory: from :func:`begin_checkpoint` (inside the checkpoint root).
+        step, meta, keep, overwrite: as :func:`save_checkpoint`.
+        groups: ``group -> write_group's result``, one per tensor group written (by any
+            process); sizes are checked against the files, the digests are taken as reported.
+
+    Returns:
+        The committed checkpoint directory.
+
+    Raises:
+        ValueError: a reported group whose file is missing or has another size, or a file in
+            the directory that no group reported; invalid step/keep/meta (TypeError for meta).
+        FileExistsError / OSError: as :func:`save_checkpoint`.
+        On any error the uncommitted directory is removed and nothing is committed.
+    """
+    tmp = Path(directory)
+    root = tmp.parent
+    final = root / checkpoint_dir_name(step)
     replaced: Path | None = None  # where an overwritten checkpoint waits until the commit
     try:
-        os.chmod(tmp, DIR_MODE)
-        for group, group_tensors in prepared.items():
-            path = tmp / f"{group}{TENSOR_SUFFIX}"
-            save_file(group_tensors, str(path))
-            os.chmod(path, FILE_MODE)
-            _fsync_file(path)
+        _check_keep(keep)
+        meta_bytes = _meta_bytes(meta, step)
+        files: dict[str, dict] = {}
+        for group, entry in groups.items():
+            _check_group(group)
+            name = entry.get("file") if isinstance(entry, dict) else None
+            path = tmp / str(name)
+            if name != f"{group}{TENSOR_SUFFIX}" or not path.is_file():
+                raise ValueError(f"uncommitted checkpoint {tmp}: tensor group {group!r} reported file {name!r}, "
+                                 f"which is not there")
+            if path.stat().st_size != entry.get("size") or not isinstance(entry.get("sha256"), str):
+                raise ValueError(f"uncommitted checkpoint {tmp}: {name} has {path.stat().st_size} bytes, its writer "
+                                 f"reported {entry.get('size')!r}")
+            files[name] = {"size": entry["size"], "sha256": entry["sha256"]}
+        stray = sorted(p.name for p in tmp.iterdir() if p.name not in files)
+        if stray:
+            raise ValueError(f"uncommitted checkpoint {tmp}: files no writer reported: {stray}")
         _write_bytes(tmp / META, meta_bytes)
-        _write_manifest(tmp, step, list(prepared))
+        files[META] = dict(zip(("size", "sha256"), file_digest(tmp / META), strict=True))
+        _write_manifest(tmp, step, list(groups), files)
         _fsync_dir(tmp)
         if final.exists():
             if not overwrite:
@@ -315,14 +386,8 @@ def save_checkpoint(
     return final
 
 
-def _write_manifest(directory: Path, step: int, groups: list[str]) -> None:
-    """Hash every file of ``directory`` and write ``MANIFEST.json`` (fsynced) last."""
-    files = {}
-    for path in sorted(directory.iterdir()):
-        if path.name == MANIFEST:
-            continue
-        size, digest = _hash_file(path)
-        files[path.name] = {"size": size, "sha256": digest}
+def _write_manifest(directory: Path, step: int, groups: list[str], files: dict[str, dict]) -> None:
+    """Write ``MANIFEST.json`` (fsynced) last: ``files`` are ``name -> {"size", "sha256"}``."""
     manifest = {
         "format": FORMAT,
         "version": FORMAT_VERSION,
@@ -508,6 +573,22 @@ def latest_checkpoint(root: str | Path, good_only: bool = False,
         else:
             warnings.warn(f"skipping damaged checkpoint: {problems[0]}", stacklevel=2)
     return None
+
+
+def set_aside(path: str | Path) -> Path:
+    """Move a (damaged) committed checkpoint out of the way, to ``<root>/damaged/<name>-<unix time>``,
+    where no resume looks; nothing is deleted. Returns the new path."""
+    path = Path(path)
+    dest_dir = path.parent / "damaged"
+    dest_dir.mkdir(exist_ok=True, mode=DIR_MODE)
+    dest = dest_dir / f"{path.name}-{int(time.time())}"
+    n = 0
+    while dest.exists():
+        n += 1
+        dest = dest_dir / f"{path.name}-{int(time.time())}-{n}"
+    os.rename(path, dest)
+    _fsync_dir(path.parent)
+    return dest
 
 
 def is_good(path: str | Path) -> bool:

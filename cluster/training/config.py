@@ -7,6 +7,8 @@ Top-level keys (all optional except ``curriculum``)::
     seed: 0
     deterministic: true          # torch deterministic algorithms (bit-exact resume on CPU)
     activation_checkpointing: false  # recompute every decoder block in backward (less activation memory)
+    init: per_parameter          # initial weights from (seed, parameter name): the same for every layout
+                                 # (sequential: the global RNG in build order, as tide before; whole model per actor)
     model: {flavor: debug, ...}  # ModelArgs fields; vocab_size comes from the tokenizer
     data: {source: stdlib, vocab_size: 2048, max_bytes: 4000000, tokenizer: null, ...}
     optim: {lr: 3.0e-3, min_lr: 3.0e-4, warmup_steps: 20, muon: true, ...}
@@ -34,6 +36,8 @@ from typing import Any
 
 from model.config import _hint_name, _matches
 from model.training import ATTENTION_MODES
+
+INIT_SCHEMES = ("per_parameter", "sequential")  # actors.stage_worker.StageWorker's ``init``
 
 
 @dataclass
@@ -150,9 +154,11 @@ class TrainConfig:
     ray: RaySection = field(default_factory=RaySection)
     parallel: ParallelSection | None = None
     activation_checkpointing: bool = False
+    init: str = "per_parameter"
     # testing hooks: raise inside the worker at this global step (first attempt only);
     # replace the batch of this step by uniformly random tokens (a corrupted batch -> loss spike)
     fail_at_step: int | None = None
+    fail_at_checkpoint: int | None = None  # the last actor dies while writing the checkpoint of this step
     inject_spike_at_step: int | None = None
 
     @property
@@ -231,6 +237,9 @@ def _validate(cfg: TrainConfig) -> None:
             raise ValueError(f"{w}: attention must be one of {ATTENTION_MODES}, got {st.attention!r}")
         if st.lr_mult <= 0 or st.mtp_weight < 0:
             raise ValueError(f"{w}: lr_mult must be > 0 and mtp_weight >= 0")
+    if cfg.init not in INIT_SCHEMES:
+        raise ValueError(f"init must be one of {list(INIT_SCHEMES)} (per_parameter: the same initial weights for "
+                         f"every layout; sequential: tide's earlier rule), got {cfg.init!r}")
     if cfg.data.vocab_size < 259:
         raise ValueError(f"data.vocab_size must be >= 259 (256 bytes + 3 special tokens), got {cfg.data.vocab_size}")
     if cfg.optim.lr <= 0 or cfg.optim.min_lr < 0 or cfg.optim.warmup_steps < 0:

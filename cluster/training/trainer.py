@@ -151,6 +151,7 @@ class Trainer:
         self.optim_cfg = optim_config(cfg)
         self.graph = graph_of(cfg, self.args.num_hidden_layers, self.args.n_routed_experts)
         self._start_group()
+        self._check_storage()
         info["actors"] = [{**p, **i} for p, i in zip(self.group.placements, self.group.info, strict=True)]
         (self.run_dir / "run_info.json").write_text(json.dumps(info, indent=2, default=str))
         _, st0, _ = cfg.stage_at(0)
@@ -158,18 +159,71 @@ class Trainer:
                                   seed=cfg.seed)
         if self.ckpt_root.exists():
             ckpt.cleanup_debris(self.ckpt_root)  # .tmp-* left by a crash mid-save
-        src = ckpt.latest_checkpoint(self.ckpt_root) if self.ckpt_root.is_dir() else None
-        if src is None and self.ckpt_root.is_dir() and ckpt.list_checkpoints(self.ckpt_root):
-            newest = ckpt.list_checkpoints(self.ckpt_root)[-1]  # never start over on top of a run's checkpoints
-            problems = ckpt.verify_checkpoint(newest, hash_files=True)
-            raise ValueError(f"{self.ckpt_root}: no intact checkpoint to resume from; the newest: "
-                             f"{problems[0] if problems else newest}; move the damaged ones aside to start over")
+        src = self._intact_checkpoint()
         if src is not None:
             self.restore(src)
             self.log(f"resumed from {src} at step {self.step}")
         else:
             self._truncate_metrics(0)
             self.save(good=True)  # step 0: the rollback target of last resort
+
+    def _check_storage(self) -> None:
+        """Every actor writes its checkpoint shards into the run directory the driver commits, so
+        every actor must see that directory. A probe file written here must be visible to each
+        actor; on a graph that spans machines, a relative ``storage_path`` is refused as well
+        (simulated racks on one machine share its disk).
+
+        Raises:
+            ValueError: naming the actors (and hosts) that do not see the run directory.
+        """
+        import uuid
+
+        hosts = sorted({p.get("host") for p in self.group.placements})
+        if len(hosts) > 1 and not Path(self.cfg.storage_path).expanduser().is_absolute():
+            raise ValueError(f"storage_path {self.cfg.storage_path!r} is relative, but the actor graph spans "
+                             f"{len(hosts)} machines ({', '.join(map(str, hosts))}): give an absolute path on storage every node mounts at the same "
+                             f"place (NFS, Lustre, a FUSE-mounted bucket)")
+        probe = self.run_dir / f".storage-probe-{uuid.uuid4().hex}"
+        probe.write_text("tide")
+        try:
+            seen = self.group.call("sees", str(probe))
+        finally:
+            probe.unlink(missing_ok=True)
+        blind = [f"rank {p['rank']} on {p.get('host')}" for p, ok in zip(self.group.placements, seen, strict=True)
+                 if not ok]
+        if blind:
+            raise ValueError(f"the run directory {self.run_dir} is not visible to {', '.join(blind)}: the actors "
+                             f"write their checkpoint shards there, so storage_path must be storage every node "
+                             f"mounts at the same path (NFS, Lustre, a FUSE-mounted bucket), not a node-local disk")
+
+    def _intact_checkpoint(self) -> Path | None:
+        """The newest checkpoint whose every file matches its manifest (sizes and sha256).
+
+        Damaged newer ones (a flipped byte, a truncated file) are named and moved aside
+        (``store.set_aside``: ``checkpoints/damaged/``), and the run resumes from the newest
+        intact one. None: the run has no checkpoint yet.
+
+        Raises:
+            ValueError: the run has checkpoints but none is intact (nothing is moved: a run never
+                starts over on top of its own checkpoints).
+        """
+        if not self.ckpt_root.is_dir():
+            return None
+        damaged: list[tuple[Path, str]] = []
+        for path in reversed(ckpt.list_checkpoints(self.ckpt_root)):
+            problems = ckpt.verify_checkpoint(path, hash_files=True)
+            if not problems:
+                for bad, why in damaged:
+                    dest = ckpt.set_aside(bad)
+                    self.log(f"checkpoint {bad.name} is damaged: {why}; moved aside to {dest}")
+                if damaged:
+                    self.log(f"resuming from {path.name}, the newest intact checkpoint")
+                return path
+            damaged.append((path, problems[0]))
+        if damaged:
+            raise ValueError(f"{self.ckpt_root}: no intact checkpoint to resume from; the newest: {damaged[0][1]}; "
+                             f"move the damaged ones aside to start over")
+        return None
 
     def _start_group(self) -> None:
         from actors.group import LocalGroup, StageGroup
@@ -184,6 +238,7 @@ class Trainer:
             link = load_link_model(par.link_model).to_dict()
         kwargs = dict(seed=cfg.seed, link=link, trace=False, optim=dataclasses.asdict(o),
                       activation_checkpointing=cfg.activation_checkpointing, deterministic=cfg.deterministic,
+                      init=cfg.init,
                       microbatches=par.microbatches if par else 1, waves=par.waves if par else 1,
                       expert_waves=par.expert_waves if par else None, schedule=par.schedule if par else "1f1b")
         topo = load_topology(par.topology) if par is not None else None
@@ -212,25 +267,49 @@ class Trainer:
         return layout
 
     def save(self, good: bool) -> Path:
-        states = self.group.call("state")
-        infos = self.group.call("shard_info")
-        shards = {(i["stage"], i["ep_rank"]): st for i, st in zip(infos, states, strict=True)}
+        """A checkpoint of this step: every actor writes its own shard file into the uncommitted
+        directory and reports its sha256; the driver writes the meta and the manifest last and
+        commits with the atomic rename (``cluster.checkpoint.sharded.commit_pipeline_checkpoint``).
+        No tensor passes through the driver."""
+        cfg = self.cfg
+        crash_rank = None
+        marker = self.run_dir / ".injected_checkpoint_failure_done"
+        if cfg.fail_at_checkpoint == self.step and not marker.exists():
+            marker.write_text("1")
+            crash_rank = len(self.graph.actors) - 1
+            self.log(f"injected failure: the last stage actor dies while writing checkpoint {self.step}")
+        tmp = ckpt.begin_checkpoint(self.ckpt_root, self.step)
+        try:
+            written = self.group.call("write_shard", str(tmp), pckpt.SHARD_GROUP_FORMAT, crash_rank)
+        except BaseException:
+            ckpt.abort_checkpoint(tmp)
+            raise
+        infos = [{k: w[k] for k in ("stage", "ep_rank", "expert_lo", "expert_hi", "layers")} for w in written]
         meta = {"loader": self.loader.state_dict(), "rng": ckpt.rng_state(), "stage_index": self.stage_index,
                 "ema": self.ema, "ema_count": self.ema_count, "spikes": self.spikes, "rollbacks": self.rollbacks,
                 "model_args": self.args.to_dict()}
-        path = pckpt.save_pipeline_checkpoint(self.ckpt_root, self.step, shards, self._layout(infos), meta,
-                                              keep=self.cfg.checkpoint.keep)
+        path = pckpt.commit_pipeline_checkpoint(tmp, self.step, written, self._layout(infos), meta,
+                                                keep=self.cfg.checkpoint.keep)
         if good:
             ckpt.mark_good(path)
         self._plot()
         return path
 
     def _load_weights(self, path: Path) -> dict:
-        model, optim, meta = pckpt.load_pipeline_full(path)
+        """Load checkpoint ``path`` into the actors. A sharded checkpoint (any layout) is read by
+        each actor for its own tensors (``StageWorker.load_shards``) after the driver verified
+        every file's sha256; nothing passes through the driver. A one-process checkpoint of an
+        earlier version is converted on the driver (``sharded.load_pipeline_full``)."""
+        meta = pckpt.read_meta(path)
         if meta.get("model_args") != self.args.to_dict():
             raise ValueError(f"{path} holds a checkpoint of a different model than this config describes; "
                              f"resume with the config it was trained with, or start a new run (--name)")
-        self.group.call("load_state", self.group.put(model), self.group.put(optim))
+        if meta.get("layout") is not None:
+            sources = pckpt.shard_sources(path, meta)  # verifies sizes + sha256 of every file first
+            self.group.call("load_shards", sources)
+        else:
+            model, optim, meta = pckpt.load_pipeline_full(path)
+            self.group.call("load_state", self.group.put(model), self.group.put(optim))
         layout = meta.get("layout")
         src = (f"{layout['pipeline_stages']} stage(s) x {layout['expert_parallel']} expert shard(s)" if layout
                else "one process (an earlier version's format)")

@@ -31,8 +31,7 @@ def test_stage_actors_on_their_racks_match_single_process(two_racks):
         metrics = group.call("forward_backward", ray.put(batch), {"mode": "sparse"}, None)
         grads = group.call("grads")
         infos = group.call("shard_info")
-        torch.manual_seed(0)
-        ref = Transformer(args)
+        ref = Transformer.build(args, seed=0)  # every layout starts from the same parameters
         set_attention_mode(ref, "sparse")
         loss, _, _ = compute_losses(ref, batch, LossConfig(mode="sparse"))
         loss.backward()
@@ -73,8 +72,7 @@ def test_greedy_generation_through_stage_actors_equals_the_model(two_racks, P, E
     try:
         prompt = make_batch(2, args.vocab_size)["input_ids"][:, :40]
         got = pipeline_generate(group, prompt, 8, chunk_size=16)
-        torch.manual_seed(0)
-        want = Transformer(args).eval().generate(prompt, 8, chunk_size=16)
+        want = Transformer.build(args, seed=0).eval().generate(prompt, 8, chunk_size=16)
         assert torch.equal(got, want)
     finally:
         group.shutdown()

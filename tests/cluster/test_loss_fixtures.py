@@ -68,6 +68,7 @@ def config(name: str, storage: Path, run: str | None = None) -> dict:
     cfg = copy.deepcopy(fixture(name)["config"])
     cfg.update(name=run or name, storage_path=str(storage))
     cfg.setdefault("balance", {})["mtp"] = False  # as recorded: the MTP block's MoE was not balanced
+    cfg["init"] = "sequential"  # as recorded: the global RNG in build order (today's default is per parameter)
     if cfg.get("parallel"):
         cfg["parallel"]["trace_steps"] = 0
     return cfg

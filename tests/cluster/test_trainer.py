@@ -208,3 +208,53 @@ def test_a_second_run_of_the_same_name_is_refused_while_the_first_trains(tmp_pat
     # the kernel drops the lock with the killed process: the same command resumes
     summary = train(load_train_config(cfg), in_process=True, progress="none")
     assert summary["steps"] == 40 and [r["step"] for r in read_metrics(tmp_path / "twice")] == list(range(40))
+
+
+def test_an_actor_killed_while_writing_a_checkpoint_commits_nothing_partial(tmp_path):
+    """The last actor dies halfway through writing its shard of checkpoint 6: that checkpoint is
+    never committed, the graph restarts from checkpoint 3 and the run ends as an uninterrupted one."""
+    ref = train(load_train_config(tiny_config(tmp_path, "ref")), in_process=True, progress="none")
+    c = load_train_config(tiny_config(tmp_path, "torn", fail_at_checkpoint=6))
+    root = c.run_dir() / "checkpoints"
+    seen: list[list[str]] = []
+    orig = Trainer.restore
+
+    def spy(self, path):  # what the restarted graph resumes from, and what was committed then
+        seen.append([path.name, *sorted(p.name for p in root.iterdir())])
+        return orig(self, path)
+
+    Trainer.restore = spy
+    try:
+        summary = train(c, in_process=True, progress="none")
+    finally:
+        Trainer.restore = orig
+    assert seen and seen[0][0] == "step-00000003"
+    assert "step-00000006" not in seen[0] and not any(n.startswith(".tmp-") for n in seen[0])  # nothing torn kept
+    assert (c.run_dir() / ".injected_checkpoint_failure_done").exists()
+    assert _losses(c.run_dir()) == _losses(Path(ref["run_dir"]))  # nothing committed was lost
+    for p in ckpt.list_checkpoints(root):
+        assert ckpt.verify_checkpoint(p) == [], p
+    assert summary["checkpoint"].endswith("step-00000011")
+
+
+def test_a_damaged_newest_checkpoint_is_named_set_aside_and_an_older_one_resumes(tmp_path, capsys):
+    cfg = tiny_config(tmp_path, "flip")
+    c = load_train_config(cfg)
+    train(c, in_process=True, progress="none")
+    root = c.run_dir() / "checkpoints"
+    newest = ckpt.latest_checkpoint(root)
+    assert newest.name == "step-00000011"
+    f = newest / "stage0-ep0.safetensors"
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0x10  # same size: only the sha256 sees it
+    f.write_bytes(bytes(data))
+    more = {**cfg, "curriculum": [*cfg["curriculum"], {"name": "c", "seq_len": 64, "batch_tokens": 256, "steps": 2,
+                                                       "attention": "sparse"}]}
+    summary = train(load_train_config(more), progress="lines", in_process=True)
+    out = capsys.readouterr().out
+    assert "checkpoint step-00000011 is damaged" in out and "stage0-ep0.safetensors is corrupt" in out
+    assert "resuming from step-00000009" in out
+    aside = list((root / "damaged").iterdir())
+    assert len(aside) == 1 and aside[0].name.startswith("step-00000011-")  # kept, not deleted
+    assert summary["checkpoint"].endswith("step-00000013")
+    assert [r["step"] for r in read_metrics(c.run_dir())] == list(range(13))

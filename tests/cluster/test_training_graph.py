@@ -88,7 +88,7 @@ def test_pipeline_run_matches_single_process_and_relayouts(tmp_path, two_racks):
         assert abs(a["ce"] - b["ce"]) <= 1e-5 * b["ce"], (a["step"], a["ce"], b["ce"])
 
 
-def test_a_dead_stage_actor_restarts_the_graph_from_the_last_checkpoint(tmp_path, two_racks):
+def test_a_dead_stage_actor_restarts_the_graph_from_the_last_checkpoint(tmp_path, two_racks, capsys):
     cfg = _config(tmp_path, "crash", True, steps=(3, 1, 2))
     clean = train(load_train_config(_config(tmp_path, "clean", True, steps=(3, 1, 2))), progress="none")
     train(load_train_config({**cfg, "fail_at_step": 3}), progress="none")
@@ -97,6 +97,21 @@ def test_a_dead_stage_actor_restarts_the_graph_from_the_last_checkpoint(tmp_path
     assert [r["step"] for r in got] == list(range(6))  # steps 2.. replayed from the step-2 checkpoint, once each
     for a, b in zip(got, want, strict=True):
         assert a["ce"] == pytest.approx(b["ce"], abs=1e-6), a["step"]
+    # an actor process that dies halfway through writing its shard of checkpoint 4: nothing of
+    # checkpoint 4 is committed, the graph restarts from checkpoint 2 and ends as the clean run
+    capsys.readouterr()
+    torn = train(load_train_config({**_config(tmp_path, "torn", True, steps=(3, 1, 2)), "fail_at_checkpoint": 4}),
+                 progress="none")
+    assert "a stage actor died (" in capsys.readouterr().out  # the restart path ran
+    assert (tmp_path / "torn" / ".injected_checkpoint_failure_done").exists()
+    got = _rows(tmp_path / "torn")
+    assert [r["step"] for r in got] == list(range(6))
+    for a, b in zip(got, want, strict=True):
+        assert a["ce"] == pytest.approx(b["ce"], abs=1e-6), a["step"]
+    root = tmp_path / "torn" / "checkpoints"
+    assert not [p for p in root.iterdir() if p.name.startswith(".tmp-")]
+    assert all(ckpt.verify_checkpoint(p) == [] for p in ckpt.list_checkpoints(root))
+    assert torn["checkpoint"].endswith("step-00000006")
 
 
 def test_one_process_run_is_one_named_actor_and_pipeline_actors_are_named(tmp_path, two_racks):
