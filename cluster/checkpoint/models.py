@@ -34,10 +34,10 @@ def resolve_checkpoint(path: str | Path, skipped: list[tuple[Path, str]] | None 
     if path.is_file():
         refuse_pickle(path, "allowed: a run directory or a tide checkpoint directory (safetensors + JSON)")
     if (path / "checkpoints").is_dir():
-        latest = ckpt.latest_checkpoint(path / "checkpoints", skipped=skipped)
+        latest = ckpt.latest_checkpoint(path / "checkpoints", skipped=skipped, hash_files=True)
         if latest is None:
             damaged = ckpt.list_checkpoints(path / "checkpoints")
-            problems = ckpt.verify_checkpoint(damaged[-1], hash_files=False) if damaged else []
+            problems = ckpt.verify_checkpoint(damaged[-1], hash_files=True) if damaged else []
             if problems:  # say why the newest one is unusable (e.g. a pickle in place of a tensor file)
                 raise ValueError(f"{path}: run directory has no intact checkpoint; the newest: {problems[0]}")
             raise ValueError(f"{path}: run directory has no committed checkpoint")

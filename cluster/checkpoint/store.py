@@ -547,11 +547,13 @@ def list_checkpoints(root: str | Path, good_only: bool = False) -> list[Path]:
 
 
 def latest_checkpoint(root: str | Path, good_only: bool = False,
-                      skipped: list[tuple[Path, str]] | None = None) -> Path | None:
+                      skipped: list[tuple[Path, str]] | None = None, *, hash_files: bool = False) -> Path | None:
     """The newest committed checkpoint that looks intact, or ``None``.
 
     A checkpoint looks intact when its manifest is valid and every listed file
-    exists with the recorded size (no hashing; :func:`load_checkpoint` hashes).
+    exists with the recorded size, and with ``hash_files`` also its sha256 (reads
+    every byte: what a caller about to use the checkpoint wants; without it a
+    flipped byte is only found by :func:`load_checkpoint`).
     Damaged ones are skipped with a warning, so a resume falls back to the previous
     one. ``.tmp-*`` debris is ignored.
 
@@ -565,7 +567,7 @@ def latest_checkpoint(root: str | Path, good_only: bool = False,
     for _, path in reversed(_committed(Path(root))):
         if good_only and not is_good(path):
             continue
-        problems = verify_checkpoint(path, hash_files=False)
+        problems = verify_checkpoint(path, hash_files=hash_files)
         if not problems:
             return path
         if skipped is not None:
@@ -916,14 +918,21 @@ def main(argv: list[str] | None = None) -> int:
     p_latest.add_argument("--good", action="store_true", help="only checkpoints marked GOOD")
     args = parser.parse_args(argv)
     if args.cmd == "latest":
-        path = latest_checkpoint(args.root, good_only=args.good)
+        skipped: list[tuple[Path, str]] = []
+        path = latest_checkpoint(args.root, good_only=args.good, skipped=skipped, hash_files=True)
+        for _, why in skipped:
+            print(f"skipped damaged: {why}", file=sys.stderr)
         if path is None:
-            print(f"no checkpoint in {args.root}", file=sys.stderr)
+            print(f"no intact checkpoint in {args.root}", file=sys.stderr)
             return 1
         print(path)
         return 0
     status = 0
-    for path in args.paths:
+    paths = []
+    for path in args.paths:  # a checkpoint root (no manifest, step-* inside): verify each checkpoint in it
+        inner = list_checkpoints(path) if Path(path).is_dir() and not (Path(path) / MANIFEST).exists() else []
+        paths.extend(inner or [path])
+    for path in paths:
         problems = verify_checkpoint(path)
         if problems:
             status = 1

@@ -658,7 +658,9 @@ def _train(cfg, *, address, progress, in_process, extra_cpus, after, report) -> 
 
     latest = ckpt.latest_checkpoint(cfg.run_dir() / "checkpoints") if (cfg.run_dir() / "checkpoints").is_dir() \
         else None
-    finished = latest is not None and ckpt.checkpoint_step(latest) >= cfg.total_steps
+    # finished only if that last checkpoint is intact to the byte (else the Trainer sets it aside and trains on)
+    finished = (latest is not None and ckpt.checkpoint_step(latest) >= cfg.total_steps
+                and not ckpt.verify_checkpoint(latest, hash_files=True))
     if finished:
         print(f"tide: run '{cfg.name}' already finished ({latest.name}); nothing to train", flush=True)
         if after is None:

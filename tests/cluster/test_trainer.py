@@ -143,6 +143,12 @@ def test_export_and_damaged_checkpoints(tmp_path):
     f.write_bytes(bytes(data))
     with pytest.raises(ValueError, match="stage0-ep0.safetensors"):
         export_hf(last, tmp_path / "hf2")
+    # given the run directory, export passes over the damaged newest checkpoint (sha256, not only sizes)
+    with pytest.warns(UserWarning, match="corrupt"):
+        out3 = export_hf(tmp_path / "exp", tmp_path / "hf3")
+    assert (out3 / "config.json").is_file()
+    assert ckpt.main(["latest", str(tmp_path / "exp" / "checkpoints")]) == 0
+    assert ckpt.main(["verify", str(tmp_path / "exp" / "checkpoints")]) == 1  # a root: every checkpoint in it
 
 
 def test_summary_of_a_finished_run_reads_the_run_directory(tmp_path):
@@ -258,3 +264,13 @@ def test_a_damaged_newest_checkpoint_is_named_set_aside_and_an_older_one_resumes
     assert len(aside) == 1 and aside[0].name.startswith("step-00000011-")  # kept, not deleted
     assert summary["checkpoint"].endswith("step-00000013")
     assert [r["step"] for r in read_metrics(c.run_dir())] == list(range(13))
+    # a finished run whose last checkpoint is damaged is not "finished": it is set aside and redone
+    f = ckpt.latest_checkpoint(root) / "stage0-ep0.safetensors"
+    data = bytearray(f.read_bytes())
+    data[len(data) // 3] ^= 0x01
+    f.write_bytes(bytes(data))
+    summary = train(load_train_config(more), progress="lines", in_process=True)
+    out = capsys.readouterr().out
+    assert "already finished" not in out and "checkpoint step-00000013 is damaged" in out
+    assert "resuming from step-00000012" in out and ckpt.verify_checkpoint(root / "step-00000013") == []
+    assert len(list((root / "damaged").iterdir())) == 2
