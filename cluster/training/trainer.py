@@ -181,8 +181,8 @@ class Trainer:
         hosts = sorted({p.get("host") for p in self.group.placements})
         if len(hosts) > 1 and not Path(self.cfg.storage_path).expanduser().is_absolute():
             raise ValueError(f"storage_path {self.cfg.storage_path!r} is relative, but the actor graph spans "
-                             f"{len(hosts)} machines ({', '.join(map(str, hosts))}): give an absolute path on storage every node mounts at the same "
-                             f"place (NFS, Lustre, a FUSE-mounted bucket)")
+                             f"{len(hosts)} machines ({', '.join(map(str, hosts))}): give an absolute path on "
+                             f"storage every node mounts at the same place (NFS, Lustre, a FUSE-mounted bucket)")
         probe = self.run_dir / f".storage-probe-{uuid.uuid4().hex}"
         probe.write_text("tide")
         try:
