@@ -28,6 +28,7 @@ from comm.trace import Tracer
 from comm.transport import build_mesh
 from model import ModelArgs, Transformer
 from model import optim as optim_lib
+from model.init import INIT_SCHEMES
 from model.inputs import check_tokens
 from model.losses import LossConfig
 from model.optim import CombinedOptimizer, OptimConfig
@@ -41,7 +42,6 @@ SHARD_FILE_SUFFIX = ".safetensors"
 class ActorDied(RuntimeError):
     """An in-process worker (``actors.group.LocalGroup``) failed the way an actor process dies
     (``crash``): restartable."""
-INIT_SCHEMES = ("per_parameter", "sequential")
 
 
 class StageWorker:

@@ -32,8 +32,9 @@ import torch
 from torch import nn
 
 INIT_ATTR = "_tide_init"
+INIT_SCHEMES = ("per_parameter", "sequential")  # how a training run initialises (see the module docstring)
 
-__all__ = ["INIT_ATTR", "normal_", "filled", "init_rule", "param_seed", "materialize"]
+__all__ = ["INIT_ATTR", "INIT_SCHEMES", "normal_", "filled", "init_rule", "param_seed", "materialize"]
 
 
 def normal_(t: torch.Tensor, std: float, *, per_expert: bool = False) -> torch.Tensor:

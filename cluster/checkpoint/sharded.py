@@ -484,10 +484,11 @@ def read_meta(path: str | Path) -> dict:
     return meta
 
 
-def shard_sources(path: str | Path, meta: dict) -> list[tuple[str, int, int]]:
+def shard_sources(path: str | Path, meta: dict, *, verify: bool = True) -> list[tuple[str, int, int]]:
     """``(file, expert_lo, expert_hi)`` of every shard file of a sharded checkpoint, for the
     actors to read their own tensors from (``StageWorker.load_shards``), after checking the
-    layout and every file against the manifest (sizes and sha256: a streaming read, nothing held).
+    layout and every file against the manifest (sizes and sha256: a streaming read, nothing held;
+    ``verify=False`` for a checkpoint the caller has just verified).
 
     Raises:
         ValueError: a damaged checkpoint (names the file), an invalid layout, or a layout shard
@@ -496,7 +497,7 @@ def shard_sources(path: str | Path, meta: dict) -> list[tuple[str, int, int]]:
     from cluster.checkpoint.store import verify_checkpoint
 
     path = Path(path)
-    problems = verify_checkpoint(path, hash_files=True)
+    problems = verify_checkpoint(path, hash_files=True) if verify else []
     if problems:
         raise ValueError(problems[0])
     layout = meta["layout"]

@@ -35,9 +35,8 @@ from pathlib import Path
 from typing import Any
 
 from model.config import _hint_name, _matches
+from model.init import INIT_SCHEMES
 from model.training import ATTENTION_MODES
-
-INIT_SCHEMES = ("per_parameter", "sequential")  # actors.stage_worker.StageWorker's ``init``
 
 
 @dataclass

@@ -161,7 +161,7 @@ class Trainer:
             ckpt.cleanup_debris(self.ckpt_root)  # .tmp-* left by a crash mid-save
         src = self._intact_checkpoint()
         if src is not None:
-            self.restore(src)
+            self.restore(src, verified=True)  # _intact_checkpoint hashed it
             self.log(f"resumed from {src} at step {self.step}")
         else:
             self._truncate_metrics(0)
@@ -295,7 +295,7 @@ class Trainer:
         self._plot()
         return path
 
-    def _load_weights(self, path: Path) -> dict:
+    def _load_weights(self, path: Path, *, verified: bool = False) -> dict:
         """Load checkpoint ``path`` into the actors. A sharded checkpoint (any layout) is read by
         each actor for its own tensors (``StageWorker.load_shards``) after the driver verified
         every file's sha256; nothing passes through the driver. A one-process checkpoint of an
@@ -305,7 +305,7 @@ class Trainer:
             raise ValueError(f"{path} holds a checkpoint of a different model than this config describes; "
                              f"resume with the config it was trained with, or start a new run (--name)")
         if meta.get("layout") is not None:
-            sources = pckpt.shard_sources(path, meta)  # verifies sizes + sha256 of every file first
+            sources = pckpt.shard_sources(path, meta, verify=not verified)  # sizes + sha256 of every file
             self.group.call("load_shards", sources)
         else:
             model, optim, meta = pckpt.load_pipeline_full(path)
@@ -319,9 +319,10 @@ class Trainer:
                      + ("" if meta.get("optimizer_converted", True) else " (optimizer state not converted: fresh)"))
         return meta
 
-    def restore(self, path: Path) -> None:
-        """Exact resume: weights, optimizer, loader position, RNG, spike state, step."""
-        meta = self._load_weights(path)
+    def restore(self, path: Path, *, verified: bool = False) -> None:
+        """Exact resume: weights, optimizer, loader position, RNG, spike state, step (``verified``:
+        ``path`` was just checked against its manifest, do not hash it again)."""
+        meta = self._load_weights(path, verified=verified)
         self.loader.load_state_dict(meta["loader"])
         ckpt.set_rng_state(meta["rng"], strict=False)
         self.step = int(meta["step"])

@@ -225,9 +225,9 @@ def test_an_actor_killed_while_writing_a_checkpoint_commits_nothing_partial(tmp_
     seen: list[list[str]] = []
     orig = Trainer.restore
 
-    def spy(self, path):  # what the restarted graph resumes from, and what was committed then
+    def spy(self, path, **kw):  # what the restarted graph resumes from, and what was committed then
         seen.append([path.name, *sorted(p.name for p in root.iterdir())])
-        return orig(self, path)
+        return orig(self, path, **kw)
 
     Trainer.restore = spy
     try:
