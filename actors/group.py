@@ -17,7 +17,8 @@ starts one labelled raylet per rack. A graph whose actors name no rack (a
 one-process run) is placed on any node.
 
 Actors are named ``<prefix>/stage<s>-shard<e>`` (e.g. ``tide/pipeline/stage1-shard0``:
-run ``pipeline``), the name the Ray dashboard's actor view shows.
+run ``pipeline``; with data-parallel replicas ``tide/<run>/replica<d>/stage<s>-shard<e>``),
+the name the Ray dashboard's actor view shows.
 
 Both groups answer ``call(method, *args)`` (every worker, results in rank order),
 ``put(obj)`` (an object to pass to every worker: ``ray.put`` or the object itself)
@@ -44,9 +45,12 @@ class PlacementError(RuntimeError):
     """The actor graph could not be placed on racks as the topology asks."""
 
 
-def actor_name(prefix: str, stage: int, ep_rank: int) -> str:
-    """``<prefix>/stage<stage>-shard<ep_rank>``: what a stage actor is called in the Ray dashboard."""
-    return f"{prefix}/stage{stage}-shard{ep_rank}"
+def actor_name(prefix: str, stage: int, ep_rank: int, dp_rank: int | None = None) -> str:
+    """``<prefix>/stage<stage>-shard<ep_rank>`` (with data-parallel replicas
+    ``<prefix>/replica<dp_rank>/stage<stage>-shard<ep_rank>``): what a stage actor is called in the
+    Ray dashboard."""
+    rep = "" if dp_rank is None else f"replica{dp_rank}/"
+    return f"{prefix}/{rep}stage{stage}-shard{ep_rank}"
 
 
 def bundle_specs(graph) -> list[dict]:
@@ -97,7 +101,9 @@ class StageGroup:
             Remote.options(num_cpus=graph.cpus_per_actor, num_gpus=graph.gpus_per_actor,
                            scheduling_strategy=PlacementGroupSchedulingStrategy(
                                self.pg, placement_group_bundle_index=i),
-                           **({"name": actor_name(name, a.stage, a.ep_rank)} if name else {}))
+                           **({"name": actor_name(name, a.stage, a.ep_rank,
+                                                  a.dp_rank if graph.data_parallel > 1 else None)}
+                              if name else {}))
             .remote(graph, a.rank, model_args, **worker_kwargs)
             for i, a in enumerate(graph.actors, start=bundle_offset)]
         self.placements = ray.get([w.placement.remote() for w in self.actors])

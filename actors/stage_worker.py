@@ -1,9 +1,10 @@
-"""``StageWorker``: the actor that owns one pipeline stage's expert shard.
+"""``StageWorker``: the actor that owns one pipeline stage's expert shard in one data-parallel replica.
 
-One actor per (stage, expert shard) of the ``ActorGraph``. It holds its layer
+One actor per (replica, stage, expert shard) of the ``ActorGraph``. It holds its layer
 slice (embedding on the first stage, head + MTP on the last), its share of every
 MoE layer's experts, its optimizer state (Muon + AdamW over exactly those
-parameters), the routing cached for anticipatory routing and, when serving, the
+parameters; with D > 1 replicas only over the ones this replica owns, ZeRO-1:
+``comm.data_parallel``), the routing cached for anticipatory routing and, when serving, the
 decode states of its sequences. A one-process run is one such worker holding everything. Logic lives in
 ``model.stage`` (what the stage computes) and ``comm`` (how stages talk); this
 class wires them together and exposes coarse methods the driver calls on all
@@ -22,6 +23,7 @@ import socket
 import torch
 import torch.distributed as dist
 
+from comm.data_parallel import DEFAULT_BUCKET_MB, assign_owners, broadcast_from_owners
 from comm.link_model import LinkModel
 from comm.pipeline import PipelineRunner
 from comm.trace import Tracer
@@ -63,12 +65,14 @@ class StageWorker:
         optim: ``OptimConfig`` fields.
         activation_checkpointing: recompute every block in backward (``model.remat``).
         deterministic: ``torch.use_deterministic_algorithms(True)`` in this process.
+        bucket_mb: gradient all-reduce bucket size, MiB (``comm.data_parallel.GradBuckets``).
     """
 
     def __init__(self, graph, rank: int, model_args: dict, *, seed: int = 0, microbatches: int = 1,
                  waves: int = 1, expert_waves: int | None = None, schedule: str = "1f1b",
                  link: dict | None = None, trace: bool = False, optim: dict | None = None,
-                 activation_checkpointing: bool = False, deterministic: bool = False, init: str = "per_parameter"):
+                 activation_checkpointing: bool = False, deterministic: bool = False, init: str = "per_parameter",
+                 bucket_mb: float = DEFAULT_BUCKET_MB):
         self.graph, self.rank = graph, rank
         self.spec = next(a for a in graph.actors if a.rank == rank)
         self.args = ModelArgs.from_dict(model_args, source="model_args")
@@ -76,9 +80,11 @@ class StageWorker:
         if init not in INIT_SCHEMES:
             raise ValueError(f"init must be one of {list(INIT_SCHEMES)}, got {init!r}")
         self.init = init
-        self.run_opts = dict(microbatches=microbatches, waves=waves, expert_waves=expert_waves, schedule=schedule)
+        self.run_opts = dict(microbatches=microbatches, waves=waves, expert_waves=expert_waves, schedule=schedule,
+                             bucket_mb=bucket_mb)
         self.link = LinkModel.from_dict(link, enabled=True) if link else LinkModel()
-        self.tracer = Tracer(rank, f"stage {self.spec.stage} / shard {self.spec.ep_rank} ({self.spec.rack})",
+        rep = f"replica {self.spec.dp_rank} / " if getattr(graph, "data_parallel", 1) > 1 else ""
+        self.tracer = Tracer(rank, f"{rep}stage {self.spec.stage} / shard {self.spec.ep_rank} ({self.spec.rack})",
                              enabled=trace)
         self.optim_cfg = OptimConfig(**(optim or {}))
         self.activation_checkpointing = activation_checkpointing
@@ -98,7 +104,8 @@ class StageWorker:
         ctx = ray.get_runtime_context()
         labels = dict(ctx.get_node_labels() or {})
         return {"rank": self.rank, "stage": self.spec.stage, "ep_rank": self.spec.ep_rank,
-                "expected_rack": self.spec.rack, "rack": labels.get("rack"), "node_id": ctx.get_node_id(),
+                "dp_rank": self.spec.dp_rank, "expected_rack": self.spec.rack, "rack": labels.get("rack"),
+                "node_id": ctx.get_node_id(),
                 "host": socket.gethostname(), "pid": os.getpid()}
 
     def master_address(self) -> tuple[str, int]:
@@ -114,7 +121,8 @@ class StageWorker:
     def setup(self, master_addr: str, master_port: int, backend: str | None = None, timeout_s: float = 300.0) -> dict:
         """Join the process group, create the mesh's groups, build the stage, runner and optimizer.
 
-        ``backend``: default nccl when the graph gives each actor a GPU, else gloo (CPU).
+        ``backend``: default nccl when the graph gives each actor a GPU, else gloo (CPU). A process
+        that has joined a group already (rank and size as the graph wants) keeps it.
         """
         import datetime
 
@@ -127,8 +135,13 @@ class StageWorker:
         if self.deterministic:
             torch.use_deterministic_algorithms(True)
         self.device = torch.device("cuda", 0) if use_gpu else torch.device("cpu")
-        dist.init_process_group(backend, init_method=f"tcp://{master_addr}:{master_port}", rank=self.rank,
-                                world_size=len(self.graph.actors), timeout=datetime.timedelta(seconds=timeout_s))
+        if dist.is_initialized():  # joined already (a launcher's group, e.g. comm.launch.spawn_local)
+            if (dist.get_rank(), dist.get_world_size()) != (self.rank, len(self.graph.actors)):
+                raise RuntimeError(f"this process is rank {dist.get_rank()} of {dist.get_world_size()}, the actor "
+                                   f"graph wants rank {self.rank} of {len(self.graph.actors)}")
+        else:
+            dist.init_process_group(backend, init_method=f"tcp://{master_addr}:{master_port}", rank=self.rank,
+                                    world_size=len(self.graph.actors), timeout=datetime.timedelta(seconds=timeout_s))
         self.mesh = build_mesh(self.graph, self.rank, tied_embedding=self.args.num_nextn_predict_layers > 0)
         lo, hi = self.graph.layer_slices[self.spec.stage]
         if self.init == "sequential":
@@ -147,9 +160,14 @@ class StageWorker:
         self.runner = PipelineRunner(self.stage, self.mesh, link=self.link, tracer=self.tracer,
                                      block_call=checkpointed if self.activation_checkpointing else None,
                                      **self.run_opts)
-        self.optimizer = CombinedOptimizer(self.stage, self.optim_cfg)
+        # ZeRO-1: each parameter's optimizer state lives on one replica of this (stage, shard), whole
+        sizes = {n: optim_lib.state_bytes(n, p, self.optim_cfg) for n, p in self.stage.named_parameters()}
+        self.owners = assign_owners(sizes, self.mesh.dp_size)
+        self.owned = {n for n, d in self.owners.items() if d == self.mesh.dp_rank}
+        self.optimizer = CombinedOptimizer(self.stage, self.optim_cfg, only=self.owned)
         return {"rank": self.rank, "layers": [lo, hi], "experts": [self.stage.expert_lo, self.stage.expert_hi],
-                "params": sum(p.numel() for p in self.stage.parameters()), "threads": torch.get_num_threads()}
+                "params": sum(p.numel() for p in self.stage.parameters()), "threads": torch.get_num_threads(),
+                "dp_rank": self.mesh.dp_rank, "owned_params": len(self.owned)}
 
     def set_attention_mode(self, mode: str) -> None:
         set_attention_mode(self.stage, mode)
@@ -200,8 +218,10 @@ class StageWorker:
     def apply(self, lr: float, bias_speed: float | None) -> dict:
         """Optimizer step at ``lr``, then the router-bias update (``bias_speed`` None: skip). Returns load CVs."""
         self.optimizer.set_lr(lr)
-        self.optimizer.step()
+        self.optimizer.step()  # the parameters this replica owns
         self.optimizer.zero_grad()
+        broadcast_from_owners([(n, p) for n, p in self.stage.named_parameters()], self.owners, self.mesh.dp_rank,
+                              self.mesh.replica_ranks, self.mesh.replica, self.tracer)
         if bias_speed is None:
             return {}
         cv = self.runner.update_router_biases(bias_speed)
@@ -303,22 +323,48 @@ class StageWorker:
         return {n: p.grad.detach().cpu().clone() for n, p in self.stage.named_parameters() if p.grad is not None}
 
     def shard_info(self) -> dict:
-        return {"stage": self.spec.stage, "ep_rank": self.spec.ep_rank, "expert_lo": self.stage.expert_lo,
-                "expert_hi": self.stage.expert_hi, "layers": list(self.graph.layer_slices[self.spec.stage])}
+        return {"stage": self.spec.stage, "ep_rank": self.spec.ep_rank, "dp_rank": self.spec.dp_rank,
+                "expert_lo": self.stage.expert_lo, "expert_hi": self.stage.expert_hi,
+                "layers": list(self.graph.layer_slices[self.spec.stage])}
+
+    def memory(self) -> dict:
+        """What this actor holds, in bytes: ``params`` (parameters), ``buffers``, ``grads`` (the
+        gradients held now), ``optimizer`` (optimizer state), and ``peak_rss`` (the process's
+        high-water resident set, ``VmHWM``; CUDA: the device's peak allocated) -- for the memory plan."""
+        st = self.stage
+        nb = lambda ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
+        opt = sum(v.numel() * v.element_size() for o in self.optimizer.optimizers for s in o.state.values()
+                  for v in s.values() if isinstance(v, torch.Tensor))
+        peak = None
+        if self.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            with contextlib.suppress(OSError):
+                for line in open("/proc/self/status"):
+                    if line.startswith("VmHWM:"):
+                        peak = int(line.split()[1]) * 1024
+        return {"rank": self.rank, "params": nb(st.parameters()), "buffers": nb(st.buffers()),
+                "grads": nb(p.grad for p in st.parameters() if p.grad is not None), "optimizer": opt,
+                "peak_rss": peak}
 
     # ----------------------------------------------------------- checkpoint
     def state(self) -> dict[str, torch.Tensor]:
-        """Model tensors by name plus optimizer state under ``optim/<param>::<key>``."""
+        """Model tensors by name plus optimizer state under ``optim/<param>::<key>`` (with D > 1
+        replicas, the state of the parameters this replica owns)."""
         out = {n: t.detach().cpu().clone() for n, t in self.stage.state_dict().items()}
         out.update({OPTIM_PREFIX + k: v.cpu() for k, v in optim_lib.optimizer_state_by_name(self.optimizer).items()})
         return out
 
-    def write_shard(self, directory: str, group_format: str, crash_rank: int | None = None) -> dict:
+    def write_shard(self, directory: str, group_format: str, crash_rank: int | None = None,
+                    replica_format: str | None = None) -> dict:
         """Write this actor's shard (model tensors + optimizer state, as :meth:`state`) straight into
         the uncommitted checkpoint ``directory`` as ``<group>.safetensors``, fsynced.
 
         ``group_format``: the group name, formatted with ``stage`` and ``ep_rank``
-        (``cluster.checkpoint.sharded.SHARD_GROUP_FORMAT``). ``crash_rank``: testing hook -- the
+        (``cluster.checkpoint.sharded.SHARD_GROUP_FORMAT``). Replica 0 writes the model tensors and
+        the optimizer state it owns there; replica d > 0 only the optimizer state it owns (ZeRO-1),
+        under ``replica_format`` (formatted with ``stage``, ``ep_rank``, ``dp_rank``:
+        ``cluster.checkpoint.sharded.REPLICA_GROUP_FORMAT``). ``crash_rank``: testing hook -- the
         actor of that rank dies halfway through writing its file.
         Returns ``{"group", "file", "size", "sha256"}`` plus :meth:`shard_info` for the manifest.
 
@@ -329,9 +375,13 @@ class StageWorker:
 
         from model.safe_io import write_safetensors
 
-        group = group_format.format(stage=self.spec.stage, ep_rank=self.spec.ep_rank)
+        d = self.spec.dp_rank
+        if d and replica_format is None:
+            raise ValueError("write_shard: a data-parallel replica > 0 needs replica_format")
+        fmt = replica_format if d else group_format
+        group = fmt.format(stage=self.spec.stage, ep_rank=self.spec.ep_rank, dp_rank=d)
         path = Path(directory) / f"{group}{SHARD_FILE_SUFFIX}"
-        tensors = dict(self.stage.state_dict())
+        tensors = {} if d else dict(self.stage.state_dict())  # the replicas' model tensors are identical
         tensors.update({OPTIM_PREFIX + k: v for k, v in optim_lib.optimizer_state_by_name(self.optimizer).items()})
         if crash_rank == self.rank:
             with open(path, "wb") as f:  # a torn write: the first bytes of a safetensors header
@@ -340,12 +390,13 @@ class StageWorker:
         size, digest = write_safetensors(path, tensors)
         return {"group": group, "file": path.name, "size": size, "sha256": digest, **self.shard_info()}
 
-    def load_shards(self, sources: list[tuple[str, int, int]]) -> dict:
+    def load_shards(self, sources: list[tuple[str, int, int]], optimizer: bool = True) -> dict:
         """Load this actor's tensors and optimizer state straight from a sharded checkpoint of any
         layout (``model.shard_io.read_stage_tensors``: only the tensors, and expert rows, it owns).
 
         ``sources``: ``(file, expert_lo, expert_hi)`` of every shard file of the checkpoint (on
-        storage this actor sees). Returns ``{"rank", "bytes": bytes read into this actor}``.
+        storage this actor sees). ``optimizer`` False: the model tensors only (serving).
+        Returns ``{"rank", "bytes": bytes read into this actor}``.
 
         Raises:
             ValueError: a tensor of this stage missing from the checkpoint, or of another shape.
@@ -353,13 +404,32 @@ class StageWorker:
         from model.shard_io import read_stage_tensors
 
         shapes = {n: tuple(t.shape) for n, t in self.stage.state_dict().items()}
-        names = {n for n, _ in self.stage.named_parameters()}
-        model_t, optim_t = read_stage_tensors(sources, shapes, names, self.stage.expert_lo, self.stage.expert_hi,
+        model_t, optim_t = read_stage_tensors(sources, shapes, self.owned if optimizer else set(),
+                                              self.stage.expert_lo, self.stage.expert_hi,
                                               is_expert=is_expert_param, optim_prefix=OPTIM_PREFIX)
         self.stage.load_state_dict(model_t)
-        optim_lib.load_optimizer_state_by_name(self.optimizer, optim_t)
+        if optimizer:
+            optim_lib.load_optimizer_state_by_name(self.optimizer, optim_t)
         n = sum(t.numel() * t.element_size() for t in (*model_t.values(), *optim_t.values()))
         return {"rank": self.rank, "bytes": n}
+
+    def load_hf(self, path: str) -> dict:
+        """Load this actor's tensors straight from an HF-format directory (``tide export`` output,
+        ``save_pretrained``, DeepSeek's released layout), reading only its layers and expert rows
+        (``model.hf_io.read_hf_stage_tensors``); MTP tensors the directory lacks keep their
+        initialisation. ``path`` must be on storage this actor sees. Returns ``{"rank", "bytes"}``.
+
+        Raises:
+            ValueError: a tensor of this stage missing or of another shape (named), pickled weights.
+        """
+        from model.hf_io import read_hf_stage_tensors
+
+        sd = self.stage.state_dict()
+        got = read_hf_stage_tensors(path, {n: tuple(t.shape) for n, t in sd.items()}, self.stage.expert_lo,
+                                    self.stage.expert_hi, is_expert=is_expert_param,
+                                    dtype=next(self.stage.parameters()).dtype)
+        self.stage.load_state_dict({**sd, **got})
+        return {"rank": self.rank, "bytes": sum(t.numel() * t.element_size() for t in got.values())}
 
     def sees(self, path: str) -> bool:
         """Whether ``path`` exists where this actor runs (the driver's shared-storage probe)."""
@@ -368,7 +438,7 @@ class StageWorker:
     def load_state(self, full_model: dict[str, torch.Tensor], full_optim: dict[str, torch.Tensor]) -> None:
         """Load this shard's part of full-model tensors and optimizer state (any source layout)."""
         self.stage.load_state_dict(self.stage.shard_state_dict(full_model))
-        names = {n for n, _ in self.stage.named_parameters()}
+        names = self.owned
         mine = {}
         for key, t in full_optim.items():
             name = key.split("::", 1)[0]

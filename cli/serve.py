@@ -95,10 +95,10 @@ def run(ns: argparse.Namespace) -> int:
             if problems:
                 raise ValueError("; ".join(problems))
         if ns.topology:
-            from cluster.launch.topology import build_graph, load_topology
+            from cluster.launch.topology import build_graph, load_topology, one_replica
 
             topology = read_topology(ns.topology)
-            graph = build_graph(load_topology(topology), args.num_hidden_layers, args.n_routed_experts)
+            graph = one_replica(build_graph(load_topology(topology), args.num_hidden_layers, args.n_routed_experts))
             if graph.gpus_per_actor and not (ns.address or os.environ.get("RAY_ADDRESS")):
                 import torch
 

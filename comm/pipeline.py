@@ -3,19 +3,23 @@
 ``PipelineRunner.forward_backward(batch, loss_cfg)`` runs one training step's
 forward and backward passes for this process's (stage, expert shard):
 
-- the global batch ``[B,S]`` is split over the expert shards (shard e takes
-  sequences ``[e*B/E, (e+1)*B/E)``; the expert-parallel group is data parallel
-  for everything but the experts), then into M microbatches;
+- the global batch ``[B,S]`` is split over the D data-parallel replicas and the
+  E expert shards of each (actor (d, e) takes sequences ``[k*B/(D*E),
+  (k+1)*B/(D*E))``, ``k = d*E + e``; the expert shards of a replica are data
+  parallel for everything but the experts), then into M microbatches;
 - the per-stage action list of ``comm.schedule`` (1F1B by default) is executed;
   each microbatch is streamed between stages in W **waves** (slices of its
   sequences): a stage runs wave w's forward as soon as it arrives and sends its
   output on at once, so stage s+1 starts on wave 1 while wave 2 is still being
   computed or in flight; backward does the same in the other direction. W = 1
   is the no-overlap baseline. Receives are posted up front on the comm threads;
-- gradients are then made global: the indexer KL normalised by the global KL row
-  count, replicated parameters all-reduced over the expert-parallel group, the
-  first/last-stage embedding copies over the tied-embedding group; routed experts
-  already hold their full gradient (all-to-all backward);
+- gradients are made global in buckets that are all-reduced *during* the last
+  backward of the step (``comm.data_parallel.GradBuckets``): replicated
+  parameters over the stage's actors in every replica, routed experts over their
+  copies in the other replicas (inside a replica they already hold their full
+  gradient: all-to-all backward); after backward, the indexer KL is normalised by
+  the global KL row count and the indexers' gradients reduced, and the
+  first/last-stage embedding copies summed over the tied-embedding group;
 - ``clip_grad_norm(max_norm)`` computes the global norm (every parameter counted
   once) and clips like ``torch.nn.utils.clip_grad_norm_``;
 - ``update_router_biases(speed)`` applies auxiliary-loss-free balancing with the
@@ -39,6 +43,7 @@ from concurrent.futures import Future
 import torch
 import torch.distributed as dist
 
+from .data_parallel import DEFAULT_BUCKET_MB, GradBuckets
 from .expert_parallel import ExpertParallel
 from .link_model import LinkModel
 from .schedule import gpipe, one_f_one_b
@@ -74,13 +79,14 @@ class PipelineRunner:
         tracer: records compute and communication spans (``comm.trace``).
         block_call: how the stage runs each block (``model.remat.checkpointed``: activation
             checkpointing); None: a plain call.
+        bucket_mb: gradient all-reduce bucket size in MiB (``comm.data_parallel.GradBuckets``).
     Raises:
         ValueError: unknown schedule, waves < 1.
     """
 
     def __init__(self, stage, mesh: Mesh, *, microbatches: int = 1, waves: int = 1,
                  expert_waves: int | None = None, schedule: str = "1f1b", link: LinkModel | None = None,
-                 tracer: Tracer | None = None, block_call=None):
+                 tracer: Tracer | None = None, block_call=None, bucket_mb: float = DEFAULT_BUCKET_MB):
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {sorted(SCHEDULES)}, got {schedule!r}")
         if waves < 1 or microbatches < 1:
@@ -96,6 +102,9 @@ class PipelineRunner:
         self.tracer = tracer if tracer is not None else Tracer(mesh.rank, enabled=False)
         self.links = PipeLinks(mesh, link, self.tracer)
         self.a2a = CommThread("a2a", link, self.tracer)
+        self.dp = CommThread("grad-reduce", link, self.tracer)
+        self.bucket_bytes = bucket_mb * 2**20
+        self.buckets: GradBuckets | None = None
         n_local = stage.expert_hi - stage.expert_lo
         self.expert_waves = min(expert_waves or waves, n_local)
         self.ep = None
@@ -131,12 +140,12 @@ class PipelineRunner:
         waves per microbatch (``[m][w]``). Raises ValueError when it does not divide."""
         mesh, st = self.mesh, self.stage
         B = batch["input_ids"].shape[0]
-        if B % (mesh.ep_size * self.M):
-            raise ValueError(f"batch of {B} sequences is not divisible by expert shards ({mesh.ep_size}) x "
-                             f"microbatches ({self.M})")
+        if B % (mesh.dp_size * mesh.ep_size * self.M):
+            raise ValueError(f"batch of {B} sequences is not divisible by data-parallel replicas ({mesh.dp_size}) x "
+                             f"expert shards ({mesh.ep_size}) x microbatches ({self.M})")
         device = next(st.parameters()).device
         batch = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
-        local = split_batch(batch, mesh.ep_size, mesh.ep_rank)
+        local = split_batch(batch, mesh.dp_size * mesh.ep_size, mesh.dp_rank * mesh.ep_size + mesh.ep_rank)
         return batch, [self._waves(split_batch(local, self.M, m)) for m in range(self.M)]
 
     def _forced(self, forced: dict | None, m: int, w: int) -> dict | None:
@@ -176,6 +185,9 @@ class PipelineRunner:
                     into[act.mb, w] = post(self._act_shape(wave), dtype, device, tag(act.mb, w), mb=act.mb, wave=w)
         sends: list[Future] = []
         live: dict[tuple[int, int], tuple] = {}
+        self.buckets = self._grad_buckets()
+        last_b = next(a.mb for a in reversed(self.actions) if a.kind == "B")
+        last_bw = (last_b, len(mbs[last_b]) - 1)  # the step's last backward call: no later gradient
         for act in self.actions:
             m = act.mb
             if act.kind == "F":
@@ -215,6 +227,8 @@ class PipelineRunner:
                         if g is not None and out.requires_grad:
                             tensors.append(out)
                             grads.append(g)
+                        if (m, w) == last_bw:
+                            self.buckets.arm()
                         if tensors:
                             torch.autograd.backward(tensors, grads)
                     if not mesh.first:
@@ -237,27 +251,54 @@ class PipelineRunner:
         tot = dict(zip(keys, vec[:len(keys)].tolist(), strict=True))
         have = {k for k, f in zip(keys, vec[len(keys):].tolist(), strict=True) if f > 0}
         self.kl_rows = tot["kl_rows"]
+        self.buckets.finish()  # the bucketed all-reduces started during the last backward
         if self.kl_rows > 0 and not self.whole:  # (one forward: the loss was already normalised)
             for p in st.indexer_parameters():
                 if p.grad is not None:
                     p.grad.div_(self.kl_rows)
-        self._allreduce_grads()
+        self._reduce_late()
         return st.combine_metrics(tot, have, cfg)
 
     def _tied_embedding(self) -> bool:
         return self.mesh.embed is not None and self.stage.embed_tokens is not None
 
-    def _allreduce_grads(self) -> None:
+    def _late_ids(self) -> set[int]:
+        """Parameters reduced after backward, not in the buckets: the indexers (their gradient is
+        divided by the global KL row count first, known only after the metrics' all-reduce; the
+        order of division and sum is kept) and the tied embedding (its own group)."""
+        st = self.stage
+        late = {id(p) for p in st.indexer_parameters()}
+        if self._tied_embedding():
+            late.add(id(st.embed_tokens.weight))
+        return late
+
+    def _grad_buckets(self) -> GradBuckets:
+        """This step's buckets over the stage's trainable parameters, reverse model order."""
         mesh, st = self.mesh, self.stage
-        with self.tracer.span("allreduce grads", cat="allreduce", tid="collective"):
+        late = self._late_ids()
+        expert = {id(p) for n, p in st.named_parameters() if st.is_expert_param(n)}
+        dp_class = "inter-rack" if any(mesh.link_class_to[r] == "inter-rack" for r in mesh.replica_ranks) \
+            else "intra-rack"
+        params = []
+        for p in reversed(st.model_order_parameters()):
+            if id(p) in late or not p.requires_grad:
+                continue
+            if id(p) in expert:
+                params.append((p, mesh.replica, mesh.dp_size, dp_class))
+            else:
+                params.append((p, mesh.dense, mesh.dense_size, dp_class))
+        return GradBuckets(params, self.dp, self.bucket_bytes, self.tracer)
+
+    def _reduce_late(self) -> None:
+        mesh, st = self.mesh, self.stage
+        with self.tracer.span("allreduce late grads", cat="allreduce", tid="collective"):
             embed = st.embed_tokens.weight if self._tied_embedding() else None
-            dense = [p for n, p in st.named_parameters()
-                     if p.grad is not None and not st.is_expert_param(n) and p is not embed]
-            if mesh.ep_size > 1 and dense:
-                flat = torch.cat([p.grad.reshape(-1) for p in dense])
+            idx = [p for p in st.indexer_parameters() if p.grad is not None and p is not embed]
+            if mesh.dense_size > 1 and idx:
+                flat = torch.cat([p.grad.reshape(-1) for p in idx])
                 dist.all_reduce(flat, group=mesh.dense)
                 at = 0
-                for p in dense:
+                for p in idx:
                     p.grad.copy_(flat[at:at + p.numel()].view_as(p.grad))
                     at += p.numel()
             if embed is not None and embed.requires_grad:  # frozen (indexer warm-up) on every rank alike
@@ -284,7 +325,7 @@ class PipelineRunner:
                 own = mesh.first and mesh.ep_rank == 0
             else:
                 own = mesh.ep_rank == 0
-            if own:
+            if own and mesh.dp_rank == 0:  # the replicas hold the same reduced gradients
                 sq += p.grad.double().pow(2).sum()
         dist.all_reduce(sq)
         norm = math.sqrt(float(sq))
@@ -304,7 +345,7 @@ class PipelineRunner:
         loads = {}
         for k, load in self.loads.items():
             load = load.float()
-            if self.mesh.ep_size > 1:
+            if self.mesh.dense_size > 1:  # every shard and replica of the stage: the step's global loads
                 dist.all_reduce(load, group=self.mesh.dense)
             loads[k] = load
         return self.stage.update_router_biases(loads, speed)
@@ -355,3 +396,4 @@ class PipelineRunner:
     def close(self) -> None:
         self.links.close()
         self.a2a.close()
+        self.dp.close()

@@ -39,7 +39,7 @@ import time
 from collections.abc import Iterable
 
 # Known threads first, in this order, in the trace viewer and the PNG.
-THREAD_ORDER = ("compute", "p2p-recv", "p2p-send", "a2a", "collective")
+THREAD_ORDER = ("compute", "p2p-recv", "p2p-send", "a2a", "grad-reduce", "collective")
 
 # cat -> colour; unknown cats take FALLBACK_COLORS in order of first appearance.
 PALETTE = {

@@ -5,11 +5,13 @@
 - one group per *directed* pipeline link and kind -- activations ``s -> s+1`` and
   gradients ``s+1 -> s`` of each expert shard's pipeline -- so every group has
   exactly one sending and one receiving thread;
-- per stage an expert group (the stage's expert shards: all-to-all dispatch /
-  combine) and a separate data-parallel group over the same ranks (gradient
-  all-reduce of the replicated parameters, router loads);
-- the tied-embedding group (first and last stage, every shard) when the last
-  stage holds an embedding copy for MTP;
+- per replica and stage an expert group (the stage's expert shards: all-to-all
+  dispatch / combine); per stage a dense group over that stage's actors in every
+  replica (gradient all-reduce of the replicated parameters, router loads);
+- per (stage, shard), with D > 1 data-parallel replicas, a replica group over its
+  D copies (the routed experts' gradient all-reduce, ZeRO-1 parameter broadcasts);
+- the tied-embedding group (first and last stage, every shard and replica) when
+  the last stage holds an embedding copy for MTP;
 - the default group (all actors) for step-wide scalars.
 
 Communication runs on background threads (``CommThread``: one per link and
@@ -38,8 +40,10 @@ from .trace import Tracer
 class Mesh:
     """This process's place in the actor graph and its process groups.
 
-    ``rank_of[(stage, ep_rank)]`` gives a global rank. Group handles are None for
-    groups this process is not a member of.
+    ``rank_of[(stage, ep_rank)]`` gives the global rank of a (stage, shard) of this
+    process's own replica; ``replica_ranks`` the global ranks of this (stage, shard)
+    in replicas 0..D-1. Group handles are None for groups this process is not a
+    member of (and ``replica`` when D = 1).
     """
 
     rank: int
@@ -54,10 +58,15 @@ class Mesh:
     act_recv: object = None  # group of link (stage-1 -> stage) activations
     grad_send: object = None  # group of link (stage -> stage-1) gradients
     grad_recv: object = None  # group of link (stage+1 -> stage) gradients
-    expert: object = None
-    dense: object = None
-    embed: object = None
+    expert: object = None  # this replica's stage: all-to-all dispatch / combine
+    dense: object = None  # this stage in every replica (D x E ranks): replicated-parameter grads, router loads
+    embed: object = None  # first + last stage of every replica: the tied embedding's gradient
     embed_ranks: list[int] = field(default_factory=list)
+    dp_rank: int = 0
+    dp_size: int = 1
+    replica: object = None  # this (stage, shard) in every replica (D ranks): expert grads, ZeRO-1 broadcasts
+    replica_ranks: list[int] = field(default_factory=list)
+    dense_size: int = 1  # ranks in ``dense``
 
     @property
     def first(self) -> bool:
@@ -68,7 +77,7 @@ class Mesh:
         return self.stage == self.num_stages - 1
 
     def peer(self, stage: int) -> int:
-        """Global rank of ``stage`` in this process's pipeline (same expert shard)."""
+        """Global rank of ``stage`` in this process's pipeline (same replica and expert shard)."""
         return self.rank_of[(stage, self.ep_rank)]
 
 
@@ -87,28 +96,42 @@ def build_mesh(graph, rank: int, *, tied_embedding: bool = True) -> Mesh:
         raise ValueError(f"the process group has {world} ranks, the actor graph {len(graph.actors)} actors")
     me = next(a for a in graph.actors if a.rank == rank)
     P, E = graph.num_stages, len(graph.expert_groups[0])
-    rank_of = {(a.stage, a.ep_rank): a.rank for a in graph.actors}
+    D = getattr(graph, "data_parallel", 1)
+    at = {(getattr(a, "dp_rank", 0), a.stage, a.ep_rank): a.rank for a in graph.actors}
+    d_me = getattr(me, "dp_rank", 0)
+    rank_of = {(s, e): at[(d_me, s, e)] for s in range(P) for e in range(E)}
     rack = {a.rank: a.rack for a in graph.actors}
     mesh = Mesh(rank=rank, world=world, stage=me.stage, ep_rank=me.ep_rank, num_stages=P, ep_size=E,
                 rank_of=rank_of,
-                link_class_to={r: ("intra-rack" if rack[r] == me.rack else "inter-rack") for r in rack})
-    for e in range(E):
-        for s in range(P - 1):
-            a, b = rank_of[(s, e)], rank_of[(s + 1, e)]
-            g_act = dist.new_group([a, b])
-            g_grad = dist.new_group([a, b])
-            if rank == a:
-                mesh.act_send, mesh.grad_recv = g_act, g_grad
-            if rank == b:
-                mesh.act_recv, mesh.grad_send = g_act, g_grad
+                link_class_to={r: ("intra-rack" if rack[r] == me.rack else "inter-rack") for r in rack},
+                dp_rank=d_me, dp_size=D, replica_ranks=[at[(d, me.stage, me.ep_rank)] for d in range(D)],
+                dense_size=D * E)
+    for d in range(D):
+        for e in range(E):
+            for s in range(P - 1):
+                a, b = at[(d, s, e)], at[(d, s + 1, e)]
+                g_act = dist.new_group([a, b])
+                g_grad = dist.new_group([a, b])
+                if rank == a:
+                    mesh.act_send, mesh.grad_recv = g_act, g_grad
+                if rank == b:
+                    mesh.act_recv, mesh.grad_send = g_act, g_grad
+        for s in range(P):
+            g_exp = dist.new_group([at[(d, s, e)] for e in range(E)])
+            if (d, s) == (d_me, me.stage):
+                mesh.expert = g_exp
     for s in range(P):
-        ranks = [rank_of[(s, e)] for e in range(E)]
-        g_exp = dist.new_group(ranks)
-        g_dense = dist.new_group(ranks)
+        g_dense = dist.new_group(sorted(at[(d, s, e)] for d in range(D) for e in range(E)))
         if me.stage == s:
-            mesh.expert, mesh.dense = g_exp, g_dense
+            mesh.dense = g_dense
+    if D > 1:
+        for s in range(P):
+            for e in range(E):
+                g_rep = dist.new_group([at[(d, s, e)] for d in range(D)])
+                if (s, e) == (me.stage, me.ep_rank):
+                    mesh.replica = g_rep
     if tied_embedding and P > 1:
-        ranks = sorted([rank_of[(0, e)] for e in range(E)] + [rank_of[(P - 1, e)] for e in range(E)])
+        ranks = sorted(at[(d, s, e)] for d in range(D) for s in (0, P - 1) for e in range(E))
         g = dist.new_group(ranks)
         if rank in ranks:
             mesh.embed, mesh.embed_ranks = g, ranks

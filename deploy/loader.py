@@ -100,16 +100,17 @@ def load_engine(path: str | Path, *, model_name: str | None = None, context: int
     from .engine import Engine, LocalBackend
 
     src = locate(path)
-    model = load_hf(src.path) if src.kind == "hf" else load_trained_model(src.path)[0]
     try:
         tok = Tokenizer.from_file(str(src.tokenizer))
     except Exception as e:  # tokenizers raises a bare Exception on a bad file
         raise ValueError(f"{src.tokenizer}: not a valid tokenizer.json ({e}); {TOKENIZER_ALLOWED}") from None
     template = read_chat_template(src.tokenizer.parent)
     if topology is None:
+        model = load_hf(src.path) if src.kind == "hf" else load_trained_model(src.path)[0]
         backend = LocalBackend(model)
-    else:
-        backend = actor_backend(model, topology, placement_group=placement_group, bundle_offset=bundle_offset)
+    else:  # each stage actor reads its own share of the weights: nothing passes through here
+        backend = actor_backend(src, model_args_of(path), topology, placement_group=placement_group,
+                                bundle_offset=bundle_offset)
     return Engine(backend, tok, model_name or src.name, context=context, chat_template=template, **engine_kwargs)
 
 
@@ -135,30 +136,51 @@ def read_topology(source) -> dict:
 
 
 def serving_graph(topology, args):
-    """The ``ActorGraph`` serving ``args`` on ``topology`` (dict or YAML path). Raises ValueError if invalid."""
-    from cluster.launch.topology import build_graph, load_topology
+    """The ``ActorGraph`` serving ``args`` on ``topology`` (dict or YAML path): one replica of it
+    (``data_parallel`` is the training graph's; a Serve deployment scales with its own replicas).
+    Raises ValueError if invalid."""
+    from cluster.launch.topology import build_graph, load_topology, one_replica
 
-    return build_graph(load_topology(read_topology(topology)), args.num_hidden_layers, args.n_routed_experts)
+    return one_replica(build_graph(load_topology(read_topology(topology)), args.num_hidden_layers,
+                                   args.n_routed_experts))
 
 
-def actor_backend(model, topology, *, placement_group=None, bundle_offset: int = 0):
-    """Start the stage actors of ``topology`` with ``model``'s weights; an ``ActorBackend`` over them."""
-    from actors.group import StageGroup
+def actor_backend(src: Source, args, topology, *, placement_group=None, bundle_offset: int = 0):
+    """Start the stage actors of ``topology`` for the model ``src`` holds (``locate``) and have each
+    load its own tensors from it: an HF directory (``StageWorker.load_hf``) or a sharded training
+    checkpoint, verified against its manifest first (``StageWorker.load_shards``, model tensors
+    only); a one-process checkpoint of an earlier version goes through this process. The weights
+    must be on storage the actors see at the same path. Returns an ``ActorBackend`` over them.
 
-    from .actor_backend import ActorBackend
+    Raises:
+        ValueError: a damaged checkpoint, or tensors that do not fit the stages (named).
+    """
+    import uuid
 
     import ray
 
-    graph = serving_graph(topology, model.args)
-    owner = ray.get_runtime_context().get_actor_id()  # the Serve replica: names its actors apart from others'
-    import uuid
+    from actors.group import StageGroup
+    from cluster.checkpoint import sharded
 
+    from .actor_backend import ActorBackend
+
+    graph = serving_graph(topology, args)
+    owner = ray.get_runtime_context().get_actor_id()  # the Serve replica: names its actors apart from others'
     name = f"tide-serve/{owner[:12] if owner else uuid.uuid4().hex[:12]}"
-    group = StageGroup(graph, model.args.to_dict(), placement_group=placement_group, bundle_offset=bundle_offset,
+    group = StageGroup(graph, args.to_dict(), placement_group=placement_group, bundle_offset=bundle_offset,
                        name=name)
     try:
-        backend = ActorBackend(group, model.args)
-        backend.load_weights(model.state_dict())
+        backend = ActorBackend(group, args)
+        if src.kind == "hf":
+            group.call("load_hf", str(src.path.resolve()))
+        else:
+            meta = sharded.read_meta(src.path)
+            if meta.get("layout") is not None:
+                group.call("load_shards", sharded.shard_sources(src.path, meta), False)
+            else:
+                from cluster.checkpoint.models import load_trained_model
+
+                backend.load_weights(load_trained_model(src.path)[0].state_dict())
     except BaseException:
         group.shutdown()
         raise

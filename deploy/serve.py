@@ -194,9 +194,9 @@ def placement_options(topology, num_hidden_layers: int, n_routed_experts: int) -
         ValueError: an invalid topology (named).
     """
     from actors.group import bundle_specs
-    from cluster.launch.topology import build_graph, load_topology
+    from cluster.launch.topology import build_graph, load_topology, one_replica
 
-    graph = build_graph(load_topology(topology), num_hidden_layers, n_routed_experts)
+    graph = one_replica(build_graph(load_topology(topology), num_hidden_layers, n_routed_experts))
     first = next(a for a in graph.actors if a.stage == 0)
     return {"placement_group_bundles": [{"CPU": REPLICA_CPUS}] + bundle_specs(graph),
             "placement_group_bundle_label_selector": [first.label_selector] + [a.label_selector

@@ -203,6 +203,72 @@ def load_hf(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, devi
     return model
 
 
+def read_hf_stage_tensors(path: str | os.PathLike, shapes: dict[str, tuple], expert_lo: int, expert_hi: int, *,
+                          is_expert, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """One pipeline stage's tensors straight from an HF-format directory, reading only what it owns.
+
+    For every name of ``shapes`` (our names, e.g. a ``model.stage.PipelineStage.state_dict()``'s)
+    the checkpoint key that holds it is found (HF in-memory names, or DeepSeek's original ones,
+    :func:`from_hf_name`); routed-expert tensors (``is_expert(name)``) are read as rows
+    ``[expert_lo, expert_hi)`` only: stacked HF tensors through ``safe_open(...).get_slice``,
+    DeepSeek's per-expert ``experts.<e>.w1/w2/w3`` matrices only for the experts in range
+    (``w1``/``w3`` concatenated into ``gate_up_proj``). Files are memory-mapped: a stage of a
+    large model reads its share of the bytes, not the checkpoint. MTP tensors the checkpoint
+    lacks are left out (the caller keeps their initialisation, as :func:`load_hf` does).
+
+    Returns ``name -> tensor`` in ``dtype``. Raises ValueError: a missing non-MTP tensor or a
+    shape that differs from ``shapes`` (named), or what :func:`load_hf` refuses (pickles, a bad
+    index).
+    """
+    from contextlib import ExitStack
+
+    p = Path(path)
+    out: dict[str, torch.Tensor] = {}
+    with ExitStack() as stack:
+        where: dict[str, tuple] = {}  # our name -> (safe_open handle, checkpoint key)
+        per_expert: dict[str, dict[tuple[int, str], tuple]] = {}  # stacked name prefix -> (e, w) -> (sf, key)
+        for f in _checkpoint_files(p):
+            if not f.is_file():
+                raise ValueError(f"{p}: shard {f.name} listed in the index is missing")
+            sf = stack.enter_context(open_safetensors(f))
+            for key in sf.keys():
+                name = from_hf_name(key)
+                m = _EXPERT_KEY.match(name)
+                if m:
+                    prefix, e, w = m.groups()
+                    per_expert.setdefault(from_hf_name(prefix + ".x").rsplit(".", 1)[0], {})[(int(e), w)] = (sf, key)
+                else:
+                    where[name] = (sf, key)
+        missing = []
+        for name, shape in shapes.items():
+            expert = is_expert(name)
+            if name in where:
+                sf, key = where[name]
+                t = sf.get_slice(key)[expert_lo:expert_hi] if expert else sf.get_tensor(key)
+            elif expert and name.rsplit(".", 1)[0] in per_expert:
+                mats, kind = per_expert[name.rsplit(".", 1)[0]], name.rsplit(".", 1)[1]
+                parts = ("w1", "w3") if kind == "gate_up_proj" else ("w2",)
+                try:
+                    rows = [torch.cat([mats[(e, w)][0].get_tensor(mats[(e, w)][1]) for w in parts], dim=0)
+                            for e in range(expert_lo, expert_hi)]
+                except KeyError as err:
+                    raise ValueError(f"{p}: {name.rsplit('.', 1)[0]} lacks the per-expert weight {err.args[0]} "
+                                     f"of an expert in [{expert_lo}, {expert_hi})") from None
+                t = torch.stack(rows)
+            else:
+                missing.append(name)
+                continue
+            if tuple(t.shape) != tuple(shape):
+                raise ValueError(f"{p}: tensor {to_hf_name(name)!r} gives shape {tuple(t.shape)} here, this stage "
+                                 f"needs {tuple(shape)}")
+            out[name] = t.to(dtype)
+    missing = [n for n in missing if not n.startswith("mtp.")]
+    if missing:
+        raise ValueError(f"{p}: checkpoint lacks {len(missing)} tensor(s) of this stage, e.g. "
+                         f"{[to_hf_name(k) for k in missing[:5]]}")
+    return out
+
+
 _OWN_FILES = re.compile(r"^(config\.json|model\.safetensors|model\.safetensors\.index\.json|"
                         r"model-\d{5}-of-\d{5}\.safetensors)$")
 

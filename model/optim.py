@@ -136,18 +136,36 @@ class OptimConfig:
     use_muon: bool = True  # False: AdamW for everything (the baseline of the Muon benchmark)
 
 
+def state_bytes(name: str, p: torch.Tensor, cfg: OptimConfig) -> int:
+    """Bytes of optimizer state :class:`CombinedOptimizer` keeps for parameter ``name`` once it has
+    stepped: Muon one float32 momentum buffer of the parameter's shape; AdamW ``exp_avg`` and
+    ``exp_avg_sq`` in the parameter's dtype plus a float32 ``step``. Works on ``meta`` tensors
+    (memory planning)."""
+    if cfg.use_muon and is_muon_param(name, p):
+        return p.numel() * 4
+    return 2 * p.numel() * p.element_size() + 4
+
+
 class CombinedOptimizer:
     """Muon for matrices + AdamW for the rest, stepped and scheduled together.
 
     ``set_lr(lr)`` sets the learning rate of both. ``state_dict()`` /
     ``load_state_dict()`` cover both (tensors only + plain numbers).
+
+    ``only``: the parameter names this optimizer steps (ZeRO-1: the ones this replica owns,
+    ``comm.data_parallel.assign_owners``); default every parameter of ``model``.
+    :meth:`zero_grad` clears the gradients of every parameter of ``model`` all the same.
     """
 
-    def __init__(self, model: nn.Module, cfg: OptimConfig):
+    def __init__(self, model: nn.Module, cfg: OptimConfig, only: Iterable[str] | None = None):
         self.cfg = cfg
+        self.model = model
+        keep = None if only is None else set(only)
         muon, adam = [], []
         self.names: dict[int, str] = {}
         for name, p in model.named_parameters():  # frozen ones too: curriculum stages unfreeze them
+            if keep is not None and name not in keep:
+                continue
             self.names[id(p)] = name
             (muon if cfg.use_muon and is_muon_param(name, p) else adam).append(p)
         self.muon = Muon(muon, lr=cfg.lr, momentum=cfg.muon_momentum, weight_decay=cfg.weight_decay,
@@ -169,8 +187,8 @@ class CombinedOptimizer:
             o.step()
 
     def zero_grad(self) -> None:
-        for o in self.optimizers:
-            o.zero_grad(set_to_none=True)
+        for p in self.model.parameters():
+            p.grad = None
 
     def state_dict(self) -> dict:
         return {"muon": self.muon.state_dict() if self.muon else None,

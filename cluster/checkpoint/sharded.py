@@ -8,6 +8,8 @@ tensor group per (stage, expert shard)::
       stage0-ep1.safetensors
       stage1-ep0.safetensors
       ...
+      stage0-ep0-dp1.safetensors  with D > 1 data-parallel replicas: replica 1's part of
+                                  shard (0, 0)'s optimizer state (ZeRO-1), no model tensors
       meta.json                 caller meta + "layout" + "checkpoint_format"
       MANIFEST.json
 
@@ -24,8 +26,14 @@ Key scheme inside a shard group (names are the full model's, see ``model.stage``
 ``meta["layout"]`` (written by :func:`save_pipeline_checkpoint`, see :func:`make_layout`)::
 
     {"pipeline_stages": P, "expert_parallel": E, "layer_slices": [[lo, hi], ...],
-     "n_routed_experts": N,
-     "shards": {"stage{s}-ep{e}": {"stage": s, "ep_rank": e, "expert_lo": lo, "expert_hi": hi}}}
+     "n_routed_experts": N, "data_parallel": D,
+     "shards": {"stage{s}-ep{e}": {"stage": s, "ep_rank": e, "expert_lo": lo, "expert_hi": hi},
+                "stage{s}-ep{e}-dp{d}": {..., "dp_rank": d}  (d >= 1)}}
+
+With data parallelism every optimizer-state tensor is in exactly one of the D files of its
+(stage, shard): the one of the replica that owned it (``comm.data_parallel.assign_owners``);
+model tensors only in replica 0's. Readers treat the D files of a (stage, shard) as one shard,
+so a checkpoint of any D loads into any other D (and any P x E). ``data_parallel`` absent: 1.
 
 Tensors held by several shards (attention, routers, shared experts, norms over a
 stage's expert shards; the tied embedding copy of the last stage) are written by
@@ -76,6 +84,7 @@ __all__ = [
     "save_pipeline_checkpoint",
     "commit_pipeline_checkpoint",
     "SHARD_GROUP_FORMAT",
+    "REPLICA_GROUP_FORMAT",
     "load_pipeline_full",
     "read_meta",
     "shard_sources",
@@ -86,30 +95,41 @@ __all__ = [
 
 # ---------------------------------------------------------------------- layout
 SHARD_GROUP_FORMAT = "stage{stage}-ep{ep_rank}"
+REPLICA_GROUP_FORMAT = "stage{stage}-ep{ep_rank}-dp{dp_rank}"
 
 
-def shard_group(stage: int, ep_rank: int) -> str:
-    """Tensor group name of shard ``(stage, ep_rank)``: ``"stage{stage}-ep{ep_rank}"``."""
+def shard_group(stage: int, ep_rank: int, dp_rank: int = 0) -> str:
+    """Tensor group name of shard ``(stage, ep_rank)`` in replica ``dp_rank``:
+    ``"stage{stage}-ep{ep_rank}"`` for replica 0, ``"stage{stage}-ep{ep_rank}-dp{dp_rank}"`` else."""
+    if dp_rank:
+        return REPLICA_GROUP_FORMAT.format(stage=stage, ep_rank=ep_rank, dp_rank=dp_rank)
     return SHARD_GROUP_FORMAT.format(stage=stage, ep_rank=ep_rank)
 
 
-def make_layout(layer_slices: Iterable[tuple[int, int]], expert_parallel: int, n_routed_experts: int) -> dict:
+def make_layout(layer_slices: Iterable[tuple[int, int]], expert_parallel: int, n_routed_experts: int,
+                data_parallel: int = 1) -> dict:
     """The ``layout`` dict of a pipeline: stages with ``layer_slices`` (``[[lo, hi), ...]``,
     e.g. ``cluster.launch.topology.split_layers``), each with ``expert_parallel`` shards of
-    ``model.stage.shard_range`` experts.
+    ``model.stage.shard_range`` experts, in ``data_parallel`` replicas.
 
     Raises ValueError for an indivisible expert count or an invalid slicing.
     """
     slices = [[int(lo), int(hi)] for lo, hi in layer_slices]
     shards = {}
-    for s in range(len(slices)):
-        for e in range(expert_parallel):
-            lo, hi = shard_range(n_routed_experts, e, expert_parallel)
-            shards[shard_group(s, e)] = {"stage": s, "ep_rank": e, "expert_lo": lo, "expert_hi": hi}
+    for d in range(data_parallel):
+        for s in range(len(slices)):
+            for e in range(expert_parallel):
+                lo, hi = shard_range(n_routed_experts, e, expert_parallel)
+                shards[shard_group(s, e, d)] = {"stage": s, "ep_rank": e, "expert_lo": lo, "expert_hi": hi,
+                                                **({"dp_rank": d} if d else {})}
     layout = {"pipeline_stages": len(slices), "expert_parallel": expert_parallel, "layer_slices": slices,
-              "n_routed_experts": n_routed_experts, "shards": shards}
+              "n_routed_experts": n_routed_experts, "data_parallel": data_parallel, "shards": shards}
     check_layout(layout)
     return layout
+
+
+def _dp(ent: dict) -> int:
+    return ent.get("dp_rank", 0)
 
 
 def _is_int(x: Any) -> bool:
@@ -119,11 +139,12 @@ def _is_int(x: Any) -> bool:
 def check_layout(layout: Any, model_args: dict | None = None) -> None:
     """Validate a layout dict (see the module docstring).
 
-    Checks: P, E, N positive ints; ``layer_slices`` are P contiguous non-empty
-    slices from layer 0; ``shards`` has exactly the P*E entries ``stage{s}-ep{e}``
-    with matching ``stage``/``ep_rank`` and expert ranges tiling ``[0, N)`` per
-    stage. With ``model_args`` (a ``ModelArgs.to_dict()``), also that the slices
-    end at ``num_hidden_layers`` and N equals ``n_routed_experts``.
+    Checks: P, E, N (and D, default 1) positive ints; ``layer_slices`` are P contiguous
+    non-empty slices from layer 0; ``shards`` has exactly the D*P*E entries ``stage{s}-ep{e}``
+    (and ``stage{s}-ep{e}-dp{d}``) with matching ``stage``/``ep_rank``/``dp_rank`` and expert
+    ranges tiling ``[0, N)`` per stage, equal across replicas. With ``model_args`` (a
+    ``ModelArgs.to_dict()``), also that the slices end at ``num_hidden_layers`` and N equals
+    ``n_routed_experts``.
 
     Raises:
         ValueError: naming the first problem found.
@@ -134,6 +155,9 @@ def check_layout(layout: Any, model_args: dict | None = None) -> None:
         if not _is_int(layout.get(k)) or layout[k] < 1:
             raise ValueError(f"pipeline layout: {k} must be a positive int, got {layout.get(k)!r}")
     P, E, N = layout["pipeline_stages"], layout["expert_parallel"], layout["n_routed_experts"]
+    D = layout.get("data_parallel", 1)
+    if not _is_int(D) or D < 1:
+        raise ValueError(f"pipeline layout: data_parallel must be a positive int, got {D!r}")
     slices = layout.get("layer_slices")
     if not isinstance(slices, (list, tuple)) or len(slices) != P:
         raise ValueError(f"pipeline layout: layer_slices must list {P} [lo, hi] slices, got {slices!r}")
@@ -147,12 +171,20 @@ def check_layout(layout: Any, model_args: dict | None = None) -> None:
     shards = layout.get("shards")
     if not isinstance(shards, dict):
         raise ValueError("pipeline layout: 'shards' must be a dict {stage{s}-ep{e}: {...}}")
-    expected = {shard_group(s, e): (s, e) for s in range(P) for e in range(E)}
+    expected = {shard_group(s, e, d): (s, e, d) for d in range(D) for s in range(P) for e in range(E)}
     if set(shards) != set(expected):
         missing = sorted(set(expected) - set(shards))
         extra = sorted(set(shards) - set(expected))
-        raise ValueError(f"pipeline layout of {P} stages x {E} expert shards: shards missing {missing}, "
-                         f"unexpected {extra}")
+        raise ValueError(f"pipeline layout of {D} replica(s) x {P} stages x {E} expert shards: shards missing "
+                         f"{missing}, unexpected {extra}")
+    for name, (s, e, d) in expected.items():
+        ent, base = shards[name], shards[shard_group(s, e)]
+        if not isinstance(ent, dict) or _dp(ent) != d:
+            raise ValueError(f"pipeline layout: shard {name} entry {ent!r} must have dp_rank={d}")
+        if d and (ent.get("stage"), ent.get("ep_rank"), ent.get("expert_lo"), ent.get("expert_hi")) != (
+                base.get("stage"), base.get("ep_rank"), base.get("expert_lo"), base.get("expert_hi")):
+            raise ValueError(f"pipeline layout: replica shard {name} {ent!r} must cover what "
+                             f"{shard_group(s, e)} does")
     for s in range(P):
         ranges = []
         for e in range(E):
@@ -439,9 +471,21 @@ def load_pipeline_full(path: str | Path, *, model_args: Any = None
         raise ValueError(f"{path}: tensor group(s) {extra} are not shards of the layout")
     model_parts, optim_parts = [], []
     first: dict[str, tuple[str, torch.Tensor]] = {}  # replicated name -> (group, tensor)
-    for g, ent in sorted(layout["shards"].items(), key=lambda kv: (kv[1]["stage"], kv[1]["ep_rank"])):
+    D = layout.get("data_parallel", 1)
+    for g, ent in sorted(layout["shards"].items(), key=lambda kv: (kv[1]["stage"], kv[1]["ep_rank"], _dp(kv[1]))):
+        if _dp(ent):
+            continue  # read with replica 0's group below
         lo, hi = ent["expert_lo"], ent["expert_hi"]
         model_t, optim_t = split_shard_tensors(groups[g])
+        for d in range(1, D):  # ZeRO-1: the other replicas' parts of this shard's optimizer state
+            g_d = shard_group(ent["stage"], ent["ep_rank"], d)
+            more_model, more = split_shard_tensors(groups[g_d])
+            clash = sorted(set(more) & set(optim_t))
+            if more_model or clash:
+                raise ValueError(f"{path}: replica group {g_d} must hold only optimizer state not in the other "
+                                 f"replicas' groups; it has model tensors {sorted(more_model)[:3]} / repeats "
+                                 f"{clash[:3]}")
+            optim_t = {**optim_t, **more}
         for prefix, part in (("", model_t), (OPTIM_PREFIX, optim_t)):
             for k, t in part.items():
                 if is_expert_param(k) and t.dim() > 0:
@@ -503,7 +547,7 @@ def shard_sources(path: str | Path, meta: dict, *, verify: bool = True) -> list[
     layout = meta["layout"]
     check_layout(layout, meta.get("model_args"))
     out = []
-    for g, ent in sorted(layout["shards"].items(), key=lambda kv: (kv[1]["stage"], kv[1]["ep_rank"])):
+    for g, ent in sorted(layout["shards"].items(), key=lambda kv: (kv[1]["stage"], kv[1]["ep_rank"], _dp(kv[1]))):
         f = path / f"{g}.safetensors"
         if not f.is_file():
             raise ValueError(f"{path}: the layout's shard group {g} has no file")

@@ -117,14 +117,16 @@ class ParallelSection:
     one actor (2 CPUs, on any node) holding the whole model.
 
     ``topology``: a topology mapping or YAML path (``cluster.launch.topology``: racks,
-    pipeline_stages, expert_parallel, placement, cpus_per_actor). Each step's batch
-    is split over the expert shards, then into ``microbatches`` (1F1B), each
+    data_parallel, pipeline_stages, expert_parallel, placement, cpus_per_actor). Each step's
+    batch is split over the data-parallel replicas and their expert shards, then into
+    ``microbatches`` (1F1B), each
     streamed between stages in ``waves``; ``expert_waves`` (default ``waves``)
     pipelines each MoE's dispatch / compute / combine. ``link_model``: None (off),
     ``"default"`` (built-in intra/inter-rack classes) or a calibration file.
     ``trace_steps``: write a Chrome trace + timeline PNG of that many steps (from
     the second step). ``local_racks``: with no cluster to join, start one labelled
-    raylet per rack.
+    raylet per rack. ``bucket_mb``: size of the gradient all-reduce buckets that go out during
+    backward (MiB; ``comm.data_parallel``).
     """
 
     topology: dict[str, Any] | str
@@ -135,6 +137,7 @@ class ParallelSection:
     link_model: str | None = None
     trace_steps: int = 0
     local_racks: bool = True
+    bucket_mb: float = 25.0
 
 
 @dataclass
@@ -289,6 +292,8 @@ def _validate_parallel(cfg: TrainConfig, args) -> None:
         raise ValueError(f"parallel.schedule must be one of {sorted(SCHEDULES)}, got {par.schedule!r}")
     if par.trace_steps < 0:
         raise ValueError("parallel.trace_steps must be >= 0")
+    if isinstance(par.bucket_mb, bool) or not isinstance(par.bucket_mb, (int, float)) or not par.bucket_mb > 0:
+        raise ValueError(f"parallel.bucket_mb must be a number of MiB > 0, got {par.bucket_mb!r}")
     if par.link_model not in (None, "default"):
         if not Path(par.link_model).is_file():
             raise ValueError(f"parallel.link_model must be null, 'default' or a calibration file; "
@@ -299,12 +304,14 @@ def _validate_parallel(cfg: TrainConfig, args) -> None:
             load_link_model(par.link_model)
         except ValueError as e:
             raise ValueError(f"parallel.link_model: {e}") from None
+    D = topo.data_parallel
     for i, st in enumerate(cfg.curriculum):
         B = sequences_per_batch(st.batch_tokens, st.seq_len)
-        per = E * par.microbatches
+        per = D * E * par.microbatches
         if B % per or B // per < par.waves:
+            dp = f"data_parallel ({D}) x " if D > 1 else ""
             raise ValueError(f"curriculum[{i}] ({st.name}): {B} sequences per step (batch_tokens / seq_len) must "
-                             f"split into expert_parallel ({E}) x parallel.microbatches ({par.microbatches}) "
+                             f"split into {dp}expert_parallel ({E}) x parallel.microbatches ({par.microbatches}) "
                              f"microbatches of >= parallel.waves ({par.waves}) sequences each: change batch_tokens, "
                              f"microbatches or waves")
 

@@ -22,7 +22,8 @@ optimizer step and checkpoint format serve all of them; this module is the drive
   (stage, expert shard) (``cluster.checkpoint.sharded``; checkpoints of any layout, and
   one-process checkpoints of earlier versions, resume into any other); exact resume
   (weights, optimizer, loader position, RNG, spike state);
-- ``metrics.jsonl``, ``loss.png`` (stage boundaries and spikes marked), ``run_info.json``
+- ``metrics.jsonl``, ``loss.png`` (stage boundaries and spikes marked), ``actor_memory.json``
+  (each actor's parameters, gradients, optimizer state and peak memory at the end), ``run_info.json``
   (resolved config, git SHA, package versions, device, the actors' placement) and, with
   ``parallel.trace_steps``, ``trace.json`` + ``timeline.png``;
 - the retry policy (:func:`train`): a stage actor that dies (node loss, OOM) restarts the
@@ -240,13 +241,13 @@ class Trainer:
                       activation_checkpointing=cfg.activation_checkpointing, deterministic=cfg.deterministic,
                       init=cfg.init,
                       microbatches=par.microbatches if par else 1, waves=par.waves if par else 1,
-                      expert_waves=par.expert_waves if par else None, schedule=par.schedule if par else "1f1b")
+                      expert_waves=par.expert_waves if par else None, schedule=par.schedule if par else "1f1b",
+                      bucket_mb=par.bucket_mb if par else 25.0)
         topo = load_topology(par.topology) if par is not None else None
         racks = sorted({a.rack for a in self.graph.actors if a.rack is not None})
         shape = "1 stage x 1 shard (the whole model)"
         if topo:
-            shape = (f"{topo.pipeline_stages} stage(s) x {topo.expert_parallel} expert shard(s)"
-                     + (f" on racks {racks}" if racks else " on any node"))
+            shape = self.graph.shape() + (f" on racks {racks}" if racks else " on any node")
         name = f"tide/{cfg.name}" + (f"/restart{self.attempt}" if self.attempt else "")
         where = "in this process" if self.in_process else "as Ray actors"
         self.log(f"starting {len(self.graph.actors)} stage actor(s) {where}: {shape}")
@@ -254,16 +255,17 @@ class Trainer:
         self.group = group_cls(self.graph, self.args.to_dict(), name=name, **kwargs)
         for p, i in zip(self.group.placements, self.group.info, strict=True):
             (l0, l1), (e0, e1) = i["layers"], i["experts"]
-            self.log(f"  rank {p['rank']}: stage {p['stage']} shard {p['ep_rank']}"
+            rep = f"replica {i['dp_rank']} " if self.graph.data_parallel > 1 else ""
+            self.log(f"  rank {p['rank']}: {rep}stage {p['stage']} shard {p['ep_rank']}"
                      + (f" on rack {p['rack']}" if p.get("rack") else "")
                      + f" (pid {p['pid']}, {i['threads']} threads): layers {l0}..{l1 - 1}, experts {e0}..{e1 - 1}, "
                      f"{i['params'] / 1e6:.2f}M params")
 
     # ------------------------------------------------------------- checkpoint
     def _layout(self, infos: list[dict]) -> dict:
-        layout = pckpt.make_layout(self.graph.layer_slices, len(self.graph.expert_groups[0]),
-                                   self.args.n_routed_experts)
-        layout["shards"] = {pckpt.shard_group(i["stage"], i["ep_rank"]): i for i in infos}
+        layout = pckpt.make_layout(self.graph.layer_slices, self.graph.expert_parallel,
+                                   self.args.n_routed_experts, self.graph.data_parallel)
+        layout["shards"] = {pckpt.shard_group(i["stage"], i["ep_rank"], i.get("dp_rank", 0)): i for i in infos}
         return layout
 
     def save(self, good: bool) -> Path:
@@ -280,11 +282,13 @@ class Trainer:
             self.log(f"injected failure: the last stage actor dies while writing checkpoint {self.step}")
         tmp = ckpt.begin_checkpoint(self.ckpt_root, self.step)
         try:
-            written = self.group.call("write_shard", str(tmp), pckpt.SHARD_GROUP_FORMAT, crash_rank)
+            written = self.group.call("write_shard", str(tmp), pckpt.SHARD_GROUP_FORMAT, crash_rank,
+                                      pckpt.REPLICA_GROUP_FORMAT)
         except BaseException:
             ckpt.abort_checkpoint(tmp)
             raise
-        infos = [{k: w[k] for k in ("stage", "ep_rank", "expert_lo", "expert_hi", "layers")} for w in written]
+        infos = [{k: w[k] for k in ("stage", "ep_rank", "expert_lo", "expert_hi", "layers")}
+                 | ({"dp_rank": w["dp_rank"]} if w.get("dp_rank") else {}) for w in written]
         meta = {"loader": self.loader.state_dict(), "rng": ckpt.rng_state(), "stage_index": self.stage_index,
                 "ema": self.ema, "ema_count": self.ema_count, "spikes": self.spikes, "rollbacks": self.rollbacks,
                 "model_args": self.args.to_dict()}
@@ -311,9 +315,11 @@ class Trainer:
             model, optim, meta = pckpt.load_pipeline_full(path)
             self.group.call("load_state", self.group.put(model), self.group.put(optim))
         layout = meta.get("layout")
-        src = (f"{layout['pipeline_stages']} stage(s) x {layout['expert_parallel']} expert shard(s)" if layout
+        def words(D, P, E):
+            return (f"{D} data-parallel replicas x " if D > 1 else "") + f"{P} stage(s) x {E} expert shard(s)"
+        src = (words(layout.get("data_parallel", 1), layout["pipeline_stages"], layout["expert_parallel"]) if layout
                else "one process (an earlier version's format)")
-        dst = f"{self.graph.num_stages} stage(s) x {len(self.graph.expert_groups[0])} expert shard(s)"
+        dst = self.graph.shape()
         if src != dst:
             self.log(f"re-layout: {path.name} was written by {src}; loaded into {dst}"
                      + ("" if meta.get("optimizer_converted", True) else " (optimizer state not converted: fresh)"))
@@ -549,8 +555,23 @@ class Trainer:
             self.log = log
             if bar is not None:
                 bar.close()
+        self._record_memory()
         self._plot()
         return run_summary(self.cfg)
+
+    def _record_memory(self) -> None:
+        """``actor_memory.json``: what every stage actor holds at the end of the run (parameters,
+        gradients, optimizer state, peak resident memory; ``StageWorker.memory``), to compare with
+        ``tide plan``'s memory plan."""
+        mem = self.group.call("memory")
+        where = {p["rank"]: p for p in self.group.placements}
+        rows = [{**m, **{k: where[m["rank"]].get(k) for k in ("dp_rank", "stage", "ep_rank", "rack", "host")}}
+                for m in mem]
+        (self.run_dir / "actor_memory.json").write_text(json.dumps(rows, indent=2))
+        peaks = [r["peak_rss"] for r in rows if r.get("peak_rss")]
+        if peaks:
+            self.log(f"actor memory: peak {max(peaks) / 2**30:.2f} GiB (largest of {len(rows)} actor(s)); "
+                     f"per actor in {self.run_dir / 'actor_memory.json'}")
 
     def shutdown(self) -> None:
         """Stop the stage actors (or close the in-process worker)."""

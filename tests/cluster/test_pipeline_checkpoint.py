@@ -292,3 +292,61 @@ def test_single_process_adamw_only_converts(tmp_path):
     p2 = save_checkpoint(tmp_path / "w", 1, {"model": model.state_dict()}, {"model_args": ARGS.to_dict()})
     m, o, meta = load_pipeline_full(p2)
     assert o == {} and meta["optimizer_converted"] is False
+
+
+# ---------------------------------------------------------------- data-parallel (ZeRO-1) layouts
+def _zero1_groups(shards: dict, D: int) -> dict:
+    """``shards`` of a D = 1 layout split as D replicas write them: replica 0 the model and the
+    optimizer state it owns, replica d > 0 only the state it owns (``assign_owners``)."""
+    from comm.data_parallel import assign_owners
+
+    groups = {}
+    for (s, e), tensors in shards.items():
+        optim = {k: v for k, v in tensors.items() if k.startswith(OPTIM_PREFIX)}
+        names = {k[len(OPTIM_PREFIX):].rpartition("::")[0] for k in optim}
+        owners = assign_owners({n: sum(v.numel() for k, v in optim.items() if k.startswith(OPTIM_PREFIX + n + "::"))
+                                for n in names}, D)
+        for d in range(D):
+            part = {k: v for k, v in optim.items() if owners[k[len(OPTIM_PREFIX):].rpartition("::")[0]] == d}
+            if d == 0:
+                part.update({k: v for k, v in tensors.items() if not k.startswith(OPTIM_PREFIX)})
+            groups[shard_group(s, e, d)] = part
+    return groups
+
+
+def test_data_parallel_checkpoint_merges_the_replicas_optimizer_parts(saved, ref):
+    from cluster.checkpoint.sharded import read_meta, shard_sources
+    from model.shard_io import read_stage_tensors
+
+    root, shards, _ = saved
+    layout = make_layout(split_layers(N_LAYERS, 2), 2, N_EXPERTS, data_parallel=2)
+    assert sorted(layout["shards"]) == ["stage0-ep0", "stage0-ep0-dp1", "stage0-ep1", "stage0-ep1-dp1",
+                                        "stage1-ep0", "stage1-ep0-dp1", "stage1-ep1", "stage1-ep1-dp1"]
+    groups = _zero1_groups(shards, 2)
+    assert all(groups[shard_group(s, e, 1)] for s in range(2) for e in range(2))  # each replica owns some
+    path = save_checkpoint(root / "dp", 2, groups, {"layout": layout, "model_args": ARGS.to_dict()})
+    full_m, full_o, _ = load_pipeline_full(path, model_args=ARGS)
+    assert_tensors_equal(full_m, ref["model"])
+    assert_tensors_equal(full_o, ref["optim"])
+    # an actor of a 1 x 1 layout reads the whole optimizer state straight from the 8 files
+    sources = shard_sources(path, read_meta(path))
+    assert len(sources) == 8
+    torch.manual_seed(7)
+    one = PipelineStage.from_model(Transformer(ARGS), 0, N_LAYERS, True, True, 0, 1)
+    m, o = read_stage_tensors(sources, {n: tuple(t.shape) for n, t in one.state_dict().items()},
+                              {n for n, _ in one.named_parameters()}, 0, N_EXPERTS, is_expert=is_expert_param)
+    assert_tensors_equal(m, ref["model"])
+    assert_tensors_equal(o, ref["optim"])
+
+    # a replica group that holds model tensors, or repeats another replica's state, is refused
+    bad = {k: dict(v) for k, v in groups.items()}
+    bad["stage1-ep1-dp1"]["norm.weight"] = groups["stage1-ep1"]["norm.weight"]
+    p2 = save_checkpoint(root / "bad", 2, bad, {"layout": layout, "model_args": ARGS.to_dict()})
+    with pytest.raises(ValueError, match=r"replica group stage1-ep1-dp1 must hold only optimizer state"):
+        load_pipeline_full(p2)
+    # a layout whose replica entry covers other experts than replica 0's
+    wrong = copy.deepcopy(layout)
+    wrong["shards"]["stage0-ep1-dp1"]["expert_lo"] = 0
+    p3 = save_checkpoint(root / "w", 2, groups, {"layout": wrong, "model_args": ARGS.to_dict()})
+    with pytest.raises(ValueError, match=r"replica shard stage0-ep1-dp1 .* must cover what stage0-ep1 does"):
+        load_pipeline_full(p3)

@@ -216,3 +216,56 @@ def _merge(states, infos, trainer, where: Path):
     path = pckpt.save_pipeline_checkpoint(where, 0, shards, trainer._layout(infos),
                                           {"model_args": trainer.args.to_dict()}, keep=1)
     return load_pipeline_full(path)
+
+
+DATA_PARALLEL = {"topology": {"racks": ["r0", "r1"], "data_parallel": 2, "pipeline_stages": 2,
+                              "expert_parallel": 1, "cpus_per_actor": 0.5},
+                 "microbatches": 2, "waves": 2, "trace_steps": 1, "bucket_mb": 0.05}
+
+
+def test_data_parallel_run_matches_single_process_and_relayouts_both_ways(tmp_path, two_racks):
+    """D = 2 replicas x 2 stages x 1 shard (replica d on rack r<d>) trains the single process's
+    losses over a whole curriculum; its checkpoints hold ZeRO-1 optimizer parts per replica; a
+    1 x 1 checkpoint continues on D = 2, and a D = 2 checkpoint continues on 1 x 1."""
+    single = train(load_train_config(_config(tmp_path, "single", False)), in_process=True, progress="none")
+    ref = _rows(Path(single["run_dir"]))
+    cfg = {**_config(tmp_path, "dp", False), "parallel": DATA_PARALLEL}
+    summary = train(load_train_config(cfg), progress="none")
+    run_dir = Path(summary["run_dir"])
+    rows = _rows(run_dir)
+    assert [r["step"] for r in rows] == list(range(7))
+    for a, b in zip(rows, ref, strict=True):
+        assert abs(a["ce"] - b["ce"]) <= 1e-5 * b["ce"], (a["step"], a["ce"], b["ce"])
+    info = json.loads((run_dir / "run_info.json").read_text())
+    assert sorted((a["dp_rank"], a["stage"], a["rack"]) for a in info["actors"]) == \
+        [(0, 0, "r0"), (0, 1, "r0"), (1, 0, "r1"), (1, 1, "r1")]
+    latest = ckpt.latest_checkpoint(run_dir / "checkpoints")
+    assert sorted(p.name for p in latest.glob("*.safetensors")) == [
+        "stage0-ep0-dp1.safetensors", "stage0-ep0.safetensors", "stage1-ep0-dp1.safetensors",
+        "stage1-ep0.safetensors"]
+    full_model, full_optim, meta = load_pipeline_full(latest)  # the replicas' optimizer parts merge
+    assert meta["layout"]["data_parallel"] == 2
+    one_model, one_optim, _ = load_pipeline_full(ckpt.latest_checkpoint(tmp_path / "single" / "checkpoints"))
+    assert set(full_model) == set(one_model) and set(full_optim) == set(one_optim)  # every state, once
+    # the trace shows gradient buckets on their own thread, starting before the last backward ends
+    trace = json.loads((run_dir / "trace.json").read_text())["traceEvents"]
+    spans = [e for e in trace if e.get("ph") == "X"]
+    for pid in {e["pid"] for e in spans}:
+        mine = [e for e in spans if e["pid"] == pid]
+        end_b = max(e["ts"] + e["dur"] for e in mine if e["name"].startswith("B"))
+        assert any(e["name"].startswith("allreduce b") and e["ts"] < end_b for e in mine), pid
+
+    # 1 x 1 (step 4) -> D = 2, and D = 2 (step 4) -> 1 x 1: both continue like the single process
+    for src, name, parallel in (("single", "to-dp", DATA_PARALLEL), ("dp", "from-dp", None)):
+        step4 = [p for p in ckpt.list_checkpoints(tmp_path / src / "checkpoints") if ckpt.checkpoint_step(p) == 4][0]
+        c = _config(tmp_path, src, False)
+        if parallel:
+            c["parallel"] = parallel
+        (tmp_path / name / "checkpoints").mkdir(parents=True)
+        shutil.copytree(step4, tmp_path / name / "checkpoints" / step4.name)
+        shutil.copy2(tmp_path / src / "metrics.jsonl", tmp_path / name / "metrics.jsonl")
+        train(load_train_config(c, name=name), in_process=parallel is None, progress="none")
+        cont = _rows(tmp_path / name)
+        assert [r["step"] for r in cont] == list(range(7)), name
+        for a, b in zip(cont[4:], ref[4:], strict=True):
+            assert abs(a["ce"] - b["ce"]) <= 1e-5 * b["ce"], (name, a["step"], a["ce"], b["ce"])

@@ -76,3 +76,40 @@ def test_served_greedy_equals_model_greedy_on_stage_actors(two_racks, hf_dir, st
         assert stats["completed"] == 3
     finally:
         serve.shutdown()
+
+
+def test_stage_actors_load_a_training_checkpoint_themselves(two_racks, tmp_path):
+    """Serving a tide run on 2 x 2 stage actors (of a D = 2 training topology: one replica serves):
+    every actor reads its own tensors from the run's sharded checkpoint (verified first) and the
+    pipeline's logits equal the whole model's; a damaged checkpoint is refused by name."""
+    from cluster.checkpoint.models import load_trained_model
+    from cluster.training.config import load_train_config
+    from cluster.training.trainer import train
+    from deploy.loader import actor_backend, locate, model_args_of
+    from tests.cluster.test_trainer import tiny_config
+
+    cfg = tiny_config(tmp_path, "served", curriculum=[{"name": "a", "seq_len": 64, "batch_tokens": 256, "steps": 2,
+                                                       "attention": "dense"}])
+    run = train(load_train_config(cfg), in_process=True, progress="none")["run_dir"]
+    topology = {"racks": ["r0", "r1"], "data_parallel": 2, "pipeline_stages": 2, "expert_parallel": 2,
+                "cpus_per_actor": 0.25}
+    src = locate(run)
+    model, _ = load_trained_model(run)
+    backend = actor_backend(src, model_args_of(run), topology)
+    try:
+        assert len(backend.group.actors) == 4  # one replica of the 2 x 2 x 2 graph
+        ids = [5, 9, 11, 40, 2, 7]
+        got = backend.prefill(0, ids, True)
+        with torch.no_grad():
+            want = model.prefill(torch.tensor([ids]), model.new_state(1))[0]
+        assert (got - want).abs().max() <= 1e-5
+        backend.free([0])
+    finally:
+        backend.close()
+    f = src.path / "stage0-ep0.safetensors"  # the run was 1 x 1: one shard file
+    data = bytearray(f.read_bytes())
+    data[-5] ^= 0xFF
+    f.chmod(0o644)
+    f.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="stage0-ep0"):
+        actor_backend(src, model_args_of(run), topology)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -159,3 +160,36 @@ def test_loads_deepseek_hub_naming(pair, tmp_path):
     ids = _ids(hf.config.vocab_size, S=40)
     with torch.no_grad():
         assert (ours(ids) - hf(ids).logits).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("naming", ["deepseek", "stacked"])
+def test_each_stage_reads_only_its_share(pair, tmp_path, naming):
+    """``read_hf_stage_tensors``: every (stage, expert shard) of a 2 x 2 layout reads exactly its
+    tensors (expert rows by range) from DeepSeek's per-expert naming (what ``save_pretrained``
+    writes) and from our stacked one (``save_hf``), equal to the slices of the whole model."""
+    from model.hf_io import read_hf_stage_tensors
+    from model.stage import PipelineStage, is_expert_param
+
+    hf, _ = pair
+    hf.save_pretrained(tmp_path / "hf", max_shard_size="20KB")
+    src = tmp_path / "hf"
+    whole = load_hf(src)
+    if naming == "stacked":
+        save_hf(whole, tmp_path / "ours")
+        src = tmp_path / "ours"
+    L = whole.args.num_hidden_layers
+    for s, (lo, hi) in enumerate([(0, L // 2), (L // 2, L)]):
+        for e in range(2):
+            want = PipelineStage.from_model(copy.deepcopy(whole), lo, hi, s == 0, s == 1, e, 2)  # it slices in place
+            sd = want.state_dict()
+            got = read_hf_stage_tensors(src, {n: tuple(t.shape) for n, t in sd.items()}, want.expert_lo,
+                                        want.expert_hi, is_expert=is_expert_param)
+            left_out = set(sd) - set(got)  # HF's save_pretrained writes no MTP block: it keeps its init
+            assert set(got) <= set(sd) and (not left_out if naming == "stacked" else
+                                            all(n.startswith("mtp.") for n in left_out)), (s, e, sorted(left_out))
+            for n, t in got.items():
+                assert torch.equal(t, sd[n]), (s, e, n)
+    with pytest.raises(ValueError, match="needs"):
+        read_hf_stage_tensors(src, {"norm.weight": (3,)}, 0, 1, is_expert=is_expert_param)
+    with pytest.raises(ValueError, match="lacks 1 tensor"):
+        read_hf_stage_tensors(src, {"layers.99.input_layernorm.weight": (3,)}, 0, 1, is_expert=is_expert_param)
