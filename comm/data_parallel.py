@@ -10,9 +10,10 @@ Parallel Training"), into buckets of about ``bucket_bytes``; a bucket holds tens
 group only (the replicated tensors of a stage are summed over the stage's actors in every replica,
 ``Mesh.dense``; routed experts over their copies in the other replicas, ``Mesh.replica``). During
 the step's **last** backward call (the last wave of the last microbatch: no later contribution can
-reach a gradient) a ``post_accumulate_grad`` hook on every tensor copies its finished gradient
-into its bucket; the moment a bucket is full and every bucket before it has gone, it is
-all-reduced on a communication thread while backward carries on with earlier layers. After
+reach a gradient) a ``post_accumulate_grad`` hook on every tensor moves its finished gradient
+into its bucket (``.grad`` becomes a view of the bucket, so the gradients are held once); the
+moment a bucket is full and every bucket before it has gone, it is all-reduced on a
+communication thread while backward carries on with earlier layers. After
 backward, :meth:`GradBuckets.finish` sends the buckets whose tensors got no gradient in that last
 call (their gradient is what earlier microbatches accumulated, or zeros), in bucket order, and
 waits. Buckets always go in the same order on every rank, so the collectives match whatever order
@@ -89,8 +90,9 @@ class GradBuckets:
 
     Args:
         params: ``(tensor, group, group_size, link_class)`` of every parameter to reduce, in the
-            order the buckets should go (reverse model order); only ``requires_grad`` ones.
-            ``group_size`` 1 entries are skipped (nothing to reduce).
+            order the buckets should fill (reverse model order); only ``requires_grad`` ones.
+            ``group_size`` 1 entries are skipped (nothing to reduce). Each (group, dtype) fills
+            its own bucket; buckets go out in the order they were opened.
         comm: the ``CommThread`` the all-reduces run on.
         bucket_bytes: bucket capacity (a single larger tensor gets a bucket of its own).
         tracer: spans ``allreduce b<i>`` (cat ``allreduce``) on the comm thread's row.
@@ -103,14 +105,16 @@ class GradBuckets:
     def __init__(self, params: list[tuple[torch.Tensor, object, int, str]], comm: CommThread,
                  bucket_bytes: float = DEFAULT_BUCKET_MB * 2**20, tracer: Tracer | None = None):
         self.comm, self.tracer = comm, tracer
-        self.buckets: list[_Bucket] = []
+        self.buckets: list[_Bucket] = []  # in creation order: the order they go out
+        open_: dict[tuple, _Bucket] = {}  # one bucket filling per (group, dtype)
         for p, group, size, link_class in params:
             if size <= 1 or not p.requires_grad:
                 continue
-            b = self.buckets[-1] if self.buckets else None
+            key = (id(group), p.dtype)
+            b = open_.get(key)
             nb = p.numel() * p.element_size()
-            if b is None or b.group is not group or b.dtype != p.dtype or (b.params and b.nbytes + nb > bucket_bytes):
-                b = _Bucket(group, size, p.dtype, link_class)
+            if b is None or (b.params and b.nbytes + nb > bucket_bytes):
+                b = open_[key] = _Bucket(group, size, p.dtype, link_class)
                 self.buckets.append(b)
             b.add(p)
         self.where = {id(p): (i, j) for i, b in enumerate(self.buckets) for j, p in enumerate(b.params)}
@@ -136,11 +140,16 @@ class GradBuckets:
         return self.flat[i]
 
     def _fill(self, i: int, j: int) -> None:
+        """Move parameter j's gradient into bucket i; from now on ``.grad`` is a view of the bucket
+        (PyTorch DDP's ``gradient_as_bucket_view``): no second copy of the gradients is held, and the
+        all-reduce leaves the sum in place."""
         b, buf = self.buckets[i], self._buf(i)
         p, at = b.params[j], b.offsets[j]
+        view = buf[at:at + p.numel()].view_as(p)
         if p.grad is not None:
-            buf[at:at + p.numel()].copy_(p.grad.reshape(-1))
+            view.copy_(p.grad)
             buf[b.numel + j] = 1
+        p.grad = view
         self.filled[i].add(j)
 
     def _send(self, i: int) -> None:
@@ -171,8 +180,8 @@ class GradBuckets:
 
     def finish(self) -> None:
         """Send the buckets not sent yet (in order; tensors without a gradient in the last backward
-        contribute what they hold, or zeros), wait for all, and write the sums back into ``.grad``
-        (a tensor with no gradient on any rank keeps ``grad = None``)."""
+        contribute what they hold, or zeros) and wait for all: every ``.grad`` (a view of its bucket)
+        then holds the sum (a tensor with no gradient on any rank gets ``grad = None``)."""
         for h in self._handles:
             h.remove()
         self._handles = []
@@ -185,12 +194,7 @@ class GradBuckets:
             buf = self.comm.wait(self.futs[i], "wait allreduce", bucket=i)
             for j, p in enumerate(b.params):
                 if buf[b.numel + j] <= 0:
-                    continue  # no rank had a gradient for it
-                g = buf[b.offsets[j]:b.offsets[j] + p.numel()].view_as(p)
-                if p.grad is None:
-                    p.grad = g.clone()
-                else:
-                    p.grad.copy_(g)
+                    p.grad = None  # no rank had a gradient for it
         self._reset()
 
 

@@ -283,7 +283,7 @@ class PipelineRunner:
         for p in reversed(st.model_order_parameters()):
             if id(p) in late or not p.requires_grad:
                 continue
-            if id(p) in expert:
+            if id(p) in expert and mesh.ep_size > 1:  # (one shard: the replica group is the dense one)
                 params.append((p, mesh.replica, mesh.dp_size, dp_class))
             else:
                 params.append((p, mesh.dense, mesh.dense_size, dp_class))

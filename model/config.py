@@ -440,6 +440,19 @@ def _flavor_dicts() -> dict[str, dict[str, Any]]:
             sliding_window=128, o_groups=4, o_lora_rank=256, index_n_heads=8, index_head_dim=64,
             index_topk=128, rope_parameters=_rope(10000.0, 160000.0, 0.25, yarn=True),
         ),
+        # ~0.69B parameters (0.63B with an 8K vocabulary; 0.5B of them routed experts, 4 of 64
+        # active per token): the scale-out flavor. 8 actors that each built the whole model would
+        # need ~20 GB for the parameters alone before training; sharded, its float32 training state
+        # (parameters + gradients + Muon/AdamW, ~8 GB) spreads over the actors.
+        "medium": dict(
+            vocab_size=32000, hidden_size=1024, moe_intermediate_size=320, num_hidden_layers=8,
+            num_attention_heads=8, head_dim=128, q_lora_rank=512, num_experts_per_tok=4,
+            n_routed_experts=64, max_position_embeddings=1048576,
+            layer_types=_alternate(8, [SWA, SWA], CSA), compress_rates={CSA: 4, HCA: 128},
+            partial_rotary_factor=0.25, mlp_layer_types=_default_mlp_layer_types(8, 2),
+            sliding_window=128, o_groups=4, o_lora_rank=512, index_n_heads=8, index_head_dim=64,
+            index_topk=128, rope_parameters=_rope(10000.0, 160000.0, 0.25, yarn=True),
+        ),
         "v4-flash": dict(
             layer_types=_alternate(43, [SWA, SWA], CSA),
             rope_parameters=_rope(10000.0, 160000.0, 0.125, yarn=True),

@@ -33,6 +33,9 @@ SETTLE = (2.0, -1.5, 0.5)
 HYBRID_STEPS: tuple[tuple[float, float, float], ...] = (FAST,) * 8 + (SETTLE,) * 2
 
 
+MUON_BATCH_BYTES = 64 * 2**20  # float32 matrices per batched Newton-Schulz call (bounds the step's temporaries)
+
+
 def newton_schulz(G: torch.Tensor, steps: Sequence[tuple[float, float, float]] = HYBRID_STEPS,
                   eps: float = 1e-7, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Approximate the orthogonal polar factor ``U V^T`` of ``G = U S V^T``.
@@ -93,9 +96,11 @@ class Muon(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for g in self.param_groups:
-            lr, mu, wd, rms = g["lr"], g["momentum"], g["weight_decay"], g["update_rms"]
-            # Momentum + Nesterov per parameter, then one batched Newton-Schulz per matrix
-            # shape (stacked experts and same-shaped projections of all layers together).
+            mu = g["momentum"]
+            # Momentum per parameter, then batched Newton-Schulz per matrix shape (stacked experts and
+            # same-shaped projections of all layers together), at most MUON_BATCH_BYTES of float32
+            # matrices per batch: the Nesterov updates and Newton-Schulz temporaries of one batch,
+            # not of every matrix at once, are what the step holds beyond the state.
             by_shape: dict[tuple[int, int], list[tuple[torch.Tensor, torch.Tensor]]] = {}
             for p in g["params"]:
                 if p.grad is None:
@@ -104,19 +109,42 @@ class Muon(torch.optim.Optimizer):
                 if "momentum_buffer" not in st:
                     st["momentum_buffer"] = torch.zeros_like(p, dtype=torch.float32)
                 buf = st["momentum_buffer"]
-                grad = p.grad.float()
-                buf.mul_(mu).add_(grad)
-                by_shape.setdefault(tuple(p.shape[-2:]), []).append((p, grad.add(buf, alpha=mu)))
+                buf.mul_(mu).add_(p.grad.float())
+                by_shape.setdefault(tuple(p.shape[-2:]), []).append((p, buf))
             for (n, m), items in by_shape.items():
-                stacked = torch.cat([u.reshape(-1, n, m) for _, u in items])
-                O = newton_schulz(stacked, g["ns_steps"]) * (math.sqrt(max(n, m)) * rms)
-                start = 0
-                for p, u in items:
-                    k = u.numel() // (n * m)
-                    p.mul_(1 - lr * wd)
-                    p.add_(O[start:start + k].view_as(p).to(p.dtype), alpha=-lr)
-                    start += k
+                per = max(1, MUON_BATCH_BYTES // (n * m * 4))  # matrices per Newton-Schulz batch
+                batch: list[tuple[torch.Tensor, torch.Tensor, int, int]] = []  # (param, buf, lo, hi) matrices
+                count = 0
+                for p, buf in items:
+                    k = p.numel() // (n * m)
+                    lo = 0
+                    while lo < k:
+                        hi = min(k, lo + per - count)
+                        batch.append((p, buf, lo, hi))
+                        count += hi - lo
+                        lo = hi
+                        if count == per:
+                            self._orthogonal_step(batch, n, m, g, mu)
+                            batch, count = [], 0
+                if batch:
+                    self._orthogonal_step(batch, n, m, g, mu)
         return loss
+
+    @staticmethod
+    def _orthogonal_step(batch, n: int, m: int, g: dict, mu: float) -> None:
+        """One Newton-Schulz batch: matrices ``[lo, hi)`` of each ``(param, momentum buffer, lo, hi)``
+        (viewed ``[k, n, m]``) get the Nesterov update ``grad + mu * buf``, orthogonalised, RMS-matched
+        and applied with decoupled weight decay."""
+        lr, wd, rms = g["lr"], g["weight_decay"], g["update_rms"]
+        stacked = torch.cat([p.grad.float().reshape(-1, n, m)[lo:hi].add(buf.reshape(-1, n, m)[lo:hi], alpha=mu)
+                             for p, buf, lo, hi in batch])
+        ortho = newton_schulz(stacked, g["ns_steps"]) * (math.sqrt(max(n, m)) * rms)
+        at = 0
+        for p, _, lo, hi in batch:
+            view = p.view(-1, n, m)[lo:hi]
+            view.mul_(1 - lr * wd)
+            view.add_(ortho[at:at + hi - lo].to(p.dtype), alpha=-lr)
+            at += hi - lo
 
 
 @dataclass

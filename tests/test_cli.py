@@ -92,14 +92,14 @@ def test_demo_refuses_accounting_only_flavors(repo_root, flavor):
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines() == [
         f"tide: error: flavor {flavor!r} is for accounting only (tide cache-bytes, tide config show): "
-        "too large to build here; demo runs debug, tiny, small"]
+        "too large to build here; demo runs debug, tiny, small, medium"]
     assert tide(repo_root, "cache-bytes", "--flavor", flavor).returncode == 0
     assert tide(repo_root, "config", "show", flavor).returncode == 0
 
 
 def test_demo_flavor_choices(repo_root):
     r = tide(repo_root, "demo", "--help")
-    assert "{debug,tiny,small}" in r.stdout and "{debug,tiny,small,v4-flash" not in r.stdout
+    assert "{debug,tiny,small,medium}" in r.stdout and "v4-flash}" not in r.stdout
     r = tide(repo_root, "demo", "--flavor", "huge")
     assert r.returncode == 2 and "unknown flavor 'huge'" in r.stderr and "Traceback" not in r.stderr
 

@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from model import ModelArgs, Transformer
-from model.optim import (FAST, CombinedOptimizer, Muon, OptimConfig, is_muon_param, lr_at,
-                         newton_schulz)
+from model.optim import FAST, CombinedOptimizer, Muon, OptimConfig, is_muon_param, lr_at, newton_schulz
 
 
 def _matrix(n, m, cond, seed):
@@ -86,3 +85,29 @@ def test_lr_schedule():
     assert lr_at(30, cfg) == 1.0 and lr_at(50, cfg) == pytest.approx(1.0)
     assert lr_at(75, cfg) == pytest.approx(0.55) and lr_at(100, cfg) == pytest.approx(0.1)
     assert lr_at(30, cfg, multiplier=0.5) == 0.5
+
+
+def test_muon_batches_bound_the_step_and_change_nothing(monkeypatch):
+    """Newton-Schulz over at most MUON_BATCH_BYTES of matrices per call (a stacked-expert parameter
+    split across calls) gives the parameters and momentum of one call over everything."""
+    import model.optim as optim_mod
+
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(6, 16, 8)), torch.nn.Parameter(torch.randn(16, 8)),
+              torch.nn.Parameter(torch.randn(3, 8, 4))]
+    grads = [torch.randn_like(p) for p in params]
+
+    def run(batch_bytes):
+        monkeypatch.setattr(optim_mod, "MUON_BATCH_BYTES", batch_bytes)
+        ps = [torch.nn.Parameter(p.detach().clone()) for p in params]
+        opt = optim_mod.Muon(ps, lr=0.1)
+        for _ in range(2):
+            for p, g in zip(ps, grads, strict=True):
+                p.grad = g.clone()
+            opt.step()
+        return ps, [opt.state[p]["momentum_buffer"] for p in ps]
+
+    whole, whole_m = run(2**30)
+    split, split_m = run(16 * 8 * 4 * 4)  # 4 matrices of 16 x 8 per call: the 6-expert tensor is split
+    for a, b in zip(whole + whole_m, split + split_m, strict=True):
+        assert torch.allclose(a, b, atol=1e-6, rtol=0), float((a - b).abs().max())
