@@ -191,8 +191,9 @@ def load_topology(source: str | Path | dict) -> Topology:
 def _stage_racks(placement, P: int, racks: list[str], where: str) -> dict[int, str]:
     """A validated ``stage -> rack`` mapping (stage keys may be digit strings)."""
     if not isinstance(placement, dict):
-        raise ValueError(f"{where} must map stage -> rack (or, with data_parallel > 1, be a list of such "
-                         f"mappings, one per replica)")
+        raise ValueError(f"{where} must map stage -> rack, e.g. {{0: r0, 1: r1}} (or, with data_parallel > 1, "
+                         f"be a list of such mappings, one per replica: [{{0: r0, 1: r1}}, {{0: r1, 1: r0}}]); "
+                         f"got {placement!r}")
     bad_items = [(k, v) for k, v in placement.items()
                  if isinstance(k, bool) or not isinstance(k, int) and not (isinstance(k, str) and k.isdigit())
                  or not isinstance(v, str)]
