@@ -67,6 +67,29 @@ def connect_ray(need: dict[str | None, float] | None, *, address: str | None = N
     Raises:
         ValueError: an explicit address that does not answer, or nothing to join and ``simulate`` off.
     """
+    conn = _connect(need, address=address, simulate=simulate, simulated=simulated, log=log)
+    _terminate_as_interrupt()
+    return conn
+
+
+def _terminate_as_interrupt() -> None:
+    """SIGTERM (what schedulers, systemd and ``kill`` send) raises ``KeyboardInterrupt`` in the main
+    thread, as Ctrl-C does, so a run stops through the same cleanup (embedded raylets stopped, the
+    Ray address file restored, the resume hint printed) instead of through Ray's fatal-signal handler,
+    which ``ray.init`` installs and which aborts the process. Only from the main thread."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
+def _connect(need, *, address, simulate, simulated, log) -> Connection:
     import ray
 
     if ray.is_initialized():
