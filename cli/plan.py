@@ -83,7 +83,9 @@ def run(ns: argparse.Namespace) -> int:
         rep = f"{B // D} per replica -> " if D > 1 else ""
         print(f"curriculum[{i}] {st.name}: {B} sequences/step -> {rep}{B // (D * E)} per shard -> {mb} per "
               f"microbatch -> waves of {waves}")
-    print_memory_plan(cfg, graph, args, ns, **sizes)
+    fits = print_memory_plan(cfg, graph, args, ns, **sizes)
+    if ns.check and not fits:
+        return 1  # --check: a plan that does not fit fails (CI, a pre-submit hook)
     return 0
 
 
@@ -103,10 +105,11 @@ def ranges(ranks: list[int]) -> str:
 
 
 def print_memory_plan(cfg, graph, args, ns: argparse.Namespace, device_memory: int | None = None,
-                      overhead: int | None = None) -> None:
+                      overhead: int | None = None) -> bool:
     """The per-actor memory table of ``tide plan`` (``cluster.launch.memory_plan.plan_memory``) and its
     verdicts against ``device_memory`` bytes (``--device-memory``; default: ``default_device_memory``).
-    ``overhead``: per-process bytes instead of the built-in constant (``--overhead``)."""
+    ``overhead``: per-process bytes instead of the built-in constant (``--overhead``). Returns whether
+    every actor fits (True when the device memory is unknown)."""
     from rich.console import Console
     from rich.table import Table
 
@@ -165,10 +168,12 @@ def print_memory_plan(cfg, graph, args, ns: argparse.Namespace, device_memory: i
               f"{human(worst.total)} ({worst.total / device:.0%} of {human(device)})"
               + (f"; do not fit: ranks {ranges(bad)}" if bad else ""))
     over = plans[0].overhead
+    fits = device is None or all(p.fits(device) for p in plans)
     print(f"assumptions: everything float32 (ModelArgs has no dtype field); activations of the {where}, "
           f"activation checkpointing {'on' if cfg.activation_checkpointing else 'off'}, packed documents, balanced "
           f"expert loads; overhead {human(over)} per {'CUDA' if gpu else 'CPU'} actor"
           + ("" if ns.overhead is None else " (--overhead)") + "; see docs/memory.md")
+    return fits
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -206,6 +211,8 @@ balanced expert loads; GPU actors run the fused Triton kernels, CPU actors the t
                     help="per-process overhead to plan with instead of the built-in constant (same units)")
     pl.add_argument("--breakdown", action="store_true",
                     help="also print, per stage (replica 0, shard 0), what its activations and transients consist of")
+    pl.add_argument("--check", action="store_true",
+                    help="exit with status 1 when an actor does not fit the device memory (default: always 0)")
     pl.add_argument("--every-actor", action="store_true",
                     help="one table row per actor (default: consecutive actors with equal figures share a row)")
     pl.set_defaults(func=run)

@@ -179,6 +179,10 @@ def test_plan_prints_the_memory_table_and_verdicts(capsys, monkeypatch):
     rc, out, err = _tide(capsys, "plan", "configs/pipeline.yaml", "--device-memory", "300MiB", "--every-actor")
     assert rc == 0, err
     assert out.count("does not fit") == 4 and "0 of 4 actor(s) fit" in out and "do not fit: ranks 0-3" in out
+    rc, _, _ = _tide(capsys, "plan", "configs/pipeline.yaml", "--device-memory", "300MiB", "--check")
+    assert rc == 1  # --check fails a plan that does not fit
+    rc, _, _ = _tide(capsys, "plan", "configs/pipeline.yaml", "--device-memory", "141GB", "--check")
+    assert rc == 0
     rc, out, err = _tide(capsys, "plan", "configs/debug.yaml")  # no flag: this machine's RAM per CPU actor
     assert rc == 0, err
     assert "the topology names no memory resource: this machine's RAM" in out and "1 CPU actor(s)" in out
