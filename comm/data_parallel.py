@@ -126,7 +126,6 @@ class GradBuckets:
         self.filled = [set() for _ in self.buckets]
         self.futs: list[Future | None] = [None] * len(self.buckets)
         self.sent = 0
-        self.sent_in_backward = 0
 
     @property
     def params(self) -> list[torch.Tensor]:
@@ -169,7 +168,6 @@ class GradBuckets:
         self._fill(i, j)
         while self.sent < len(self.buckets) and len(self.filled[self.sent]) == len(self.buckets[self.sent].params):
             self._send(self.sent)
-            self.sent_in_backward = self.sent
 
     # --------------------------------------------------------------- public
     def arm(self) -> None:

@@ -14,14 +14,11 @@ import dataclasses
 import json
 import os
 
-import torch
-
 from actors.stage_worker import StageWorker
 from cluster.launch.topology import Topology, build_graph
-from model import Transformer
-from model.optim import CombinedOptimizer, OptimConfig
-from model.training import LossConfig, compute_losses, update_router_biases
-from tests.comm.pp_worker import ADAM_EPS, _max_err, debug_args, make_batch
+from model.optim import OptimConfig
+from model.training import LossConfig
+from tests.comm.pp_worker import ADAM_EPS, _max_err, debug_args, make_batch, reference
 
 LR = 3e-3
 
@@ -33,22 +30,7 @@ def run(rank: int, world: int, D: int, P: int, E: int, M: int, W: int, steps: in
     graph = build_graph(topo, args.num_hidden_layers, args.n_routed_experts)
     B = D * E * M * W
     cfg = LossConfig(mode="sparse")
-    torch.manual_seed(0)
-    ref = Transformer(args)
-    loss, ref_metrics, aux = compute_losses(ref, make_batch(B, args.vocab_size), cfg)
-    loss.backward()
-    ref_grads = {n: None if p.grad is None else p.grad.clone() for n, p in ref.named_parameters()}
-    ref_opt = CombinedOptimizer(ref, OptimConfig(lr=LR, warmup_steps=0, adam_eps=ADAM_EPS))
-    for s in range(steps):
-        if s:
-            ref_opt.zero_grad()
-            loss, _, aux = compute_losses(ref, make_batch(B, args.vocab_size, seed=s), cfg)
-            loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for p in ref.parameters() if p.grad is not None], 1.0)
-        ref_opt.step()
-        update_router_biases(ref, aux.routing, 1e-3)
-    ref_params = {n: p.detach().clone() for n, p in ref.named_parameters()}
-    ref_bufs = {n: b.clone() for n, b in ref.named_buffers() if n.endswith("e_score_correction_bias")}
+    ref_metrics, ref_grads, ref_params, ref_bufs = reference(args, B, cfg, steps, lr=LR, set_mode=False)
 
     w = StageWorker(graph, rank, args.to_dict(), init="sequential", microbatches=M, waves=W, trace=True,
                     optim=dataclasses.asdict(OptimConfig(lr=LR, warmup_steps=0, adam_eps=ADAM_EPS)),

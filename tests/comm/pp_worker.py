@@ -65,6 +65,34 @@ def _max_err(stage: PipelineStage, ref: dict[str, torch.Tensor], attr: str) -> t
     return worst, where, n
 
 
+def reference(args: ModelArgs, B: int, cfg: LossConfig, steps: int, lr: float = 3e-3, set_mode: bool = True):
+    """The single-process model (seed 0) on ``make_batch(B)``: ``(metrics, grads of step 0, parameters
+    after ``steps`` clipped Muon + AdamW steps with the bias update (None when 0), router biases)``.
+    ``set_mode``: put the model in ``cfg.mode`` first (False: the model's default attention mode)."""
+    torch.manual_seed(0)
+    ref = Transformer(args)
+    if set_mode:
+        set_attention_mode(ref, cfg.mode)
+    loss, metrics, aux = compute_losses(ref, make_batch(B, args.vocab_size), cfg)
+    loss.backward()
+    grads = {n: None if p.grad is None else p.grad.clone() for n, p in ref.named_parameters()}
+    params = bufs = None
+    if steps:
+        opt = CombinedOptimizer(ref, OptimConfig(lr=lr, warmup_steps=0, adam_eps=ADAM_EPS))
+        for s in range(steps):
+            if s:
+                opt.zero_grad()
+                loss, _, aux = compute_losses(ref, make_batch(B, args.vocab_size, seed=s), cfg)
+                loss.backward()
+            torch.nn.utils.clip_grad_norm_([p for p in ref.parameters() if p.grad is not None], 1.0)
+            opt.step()
+            if cfg.mode != "indexer_warmup":
+                update_router_biases(ref, aux.routing, 1e-3)
+        params = {n: p.detach().clone() for n, p in ref.named_parameters()}
+        bufs = {n: b.clone() for n, b in ref.named_buffers() if n.endswith("e_score_correction_bias")}
+    return metrics, grads, params, bufs
+
+
 def run(rank: int, world: int, P: int, E: int, M: int, jobs: list[tuple[str, list[int], int]],
         out_dir: str) -> None:
     """``jobs``: ``(attention mode, waves to try, optimizer steps)``; B = E * M * max(waves) sequences."""
@@ -78,27 +106,7 @@ def run(rank: int, world: int, P: int, E: int, M: int, jobs: list[tuple[str, lis
     results = []
     for mode, waves, steps in jobs:
         cfg = LossConfig(mode=mode)
-        batch = make_batch(B, args.vocab_size)
-        torch.manual_seed(0)
-        ref = Transformer(args)
-        set_attention_mode(ref, mode)
-        loss, ref_metrics, aux = compute_losses(ref, batch, cfg)
-        loss.backward()
-        ref_grads = {n: None if p.grad is None else p.grad.clone() for n, p in ref.named_parameters()}
-        ref_params = None
-        if steps:
-            ref_opt = CombinedOptimizer(ref, OptimConfig(lr=3e-3, warmup_steps=0, adam_eps=ADAM_EPS))
-            for s in range(steps):
-                if s:
-                    ref_opt.zero_grad()
-                    loss, _, aux = compute_losses(ref, make_batch(B, args.vocab_size, seed=s), cfg)
-                    loss.backward()
-                torch.nn.utils.clip_grad_norm_([p for p in ref.parameters() if p.grad is not None], 1.0)
-                ref_opt.step()
-                if mode != "indexer_warmup":
-                    update_router_biases(ref, aux.routing, 1e-3)
-            ref_params = {n: p.detach().clone() for n, p in ref.named_parameters()}
-            ref_bufs = {n: b.clone() for n, b in ref.named_buffers() if n.endswith("e_score_correction_bias")}
+        ref_metrics, ref_grads, ref_params, ref_bufs = reference(args, B, cfg, steps)
         for W in waves:
             torch.manual_seed(0)
             stage = PipelineStage.from_model(Transformer(args), lo, hi, lo == 0, hi == args.num_hidden_layers,
